@@ -1,0 +1,3 @@
+from lafter.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,323 @@
+"""Stage 2: LaFTer's unsupervised finetuning on the user's unlabeled images.
+
+Per step, for a batch of images:
+- teacher: the *current* image tower without prompts (sharing the LayerNorms being trained) on the weak
+  view, L2-normalised, through the *frozen* stage-1 head, hard argmax, no grad; no threshold, no balancing;
+- student: the prompted tower on the strong view, raw (not normalised) feature -> trainable head
+  (initialised from the stage-1 head);
+- loss: cross-entropy with label smoothing 0.1 against the pseudo-labels;
+- AdamW lr 5e-4, weight decay 0.01 on prompts, head and LayerNorm weights, 0 on LayerNorm biases;
+  constant lr.
+Only the prompts, every LayerNorm affine of the image tower and the head are trained; the base model
+is never modified (LayerNorm affines are functional overrides, see ``prompted.py``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+from torch import nn
+
+from lafter.artifact import AdaptedModel
+from lafter.backbone import Backbone
+from lafter.device import precision_name
+from lafter.errors import InvalidInputError
+from lafter.progress import CancelCheck, ProgressCallback, ProgressEvent, check_cancel
+from lafter.prompted import HEAD, LN_PREFIX, PROMPTS, PromptedTower, prompt_init_bound
+from lafter.views import ImageCache, ReferenceDataset, ReferenceViews, ViewMaker
+
+log = logging.getLogger(__name__)
+
+STAGE = "adapting"
+REFERENCE_EPOCHS = 50
+REFERENCE_BATCH = 50
+# "auto" epochs: enough passes that the run sees about this many image-views in total, between 1 and
+# the reference's 50 epochs. 500 images -> 40 epochs (400 steps at batch 50); 20,000+ images -> 1 epoch.
+AUTO_TARGET_SAMPLES = 20_000
+
+
+@dataclass
+class AdaptConfig:
+    epochs: int | Literal["auto"] = "auto"
+    batch_size: int | Literal["auto"] = "auto"
+    learning_rate: float = 5e-4
+    weight_decay: float = 0.01
+    prompt_tokens: int = 50
+    label_smoothing: float = 0.1
+    max_steps: int | None = None
+    # "fast": uint8 cache + batched views on the device + autocast (bf16 on CUDA).
+    # "reference": the reference code's regime (per-image PIL views on the CPU, fp32), for comparison.
+    data_path: Literal["fast", "reference"] = "fast"
+    reference_workers: int = 0
+    compile: bool = False
+    log_every: int = 10
+
+    def resolve(self, num_images: int) -> dict[str, Any]:
+        if num_images < 2:
+            raise InvalidInputError("LaFTer needs at least 2 unlabeled images")
+        if self.batch_size == "auto":
+            batch = min(REFERENCE_BATCH, num_images)
+        else:
+            batch = int(self.batch_size)
+            if batch < 1:
+                raise InvalidInputError("batch_size must be >= 1")
+            batch = min(batch, num_images)
+        if self.epochs == "auto":
+            epochs = max(1, min(REFERENCE_EPOCHS, math.ceil(AUTO_TARGET_SAMPLES / num_images)))
+        else:
+            epochs = int(self.epochs)
+            if epochs < 1:
+                raise InvalidInputError("epochs must be >= 1")
+        steps_per_epoch = num_images // batch  # drop_last, as the reference's loader
+        total = epochs * steps_per_epoch
+        if self.max_steps is not None:
+            total = min(total, int(self.max_steps))
+        return {
+            **asdict(self),
+            "epochs": epochs,
+            "batch_size": batch,
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total,
+        }
+
+
+@dataclass
+class AdaptResult:
+    model: AdaptedModel
+    steps: int
+    epochs: int
+    resolved: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+    pseudo_label_histogram: list[int] = field(default_factory=list)
+    images_per_s: float = 0.0
+    seconds: float = 0.0
+
+
+class LafterState(nn.Module):
+    """The trainable set: prompts, LayerNorm affines (copies of the base's), the head."""
+
+    def __init__(
+        self, backbone: Backbone, text_head: nn.Linear, prompt_tokens: int, gen: torch.Generator
+    ) -> None:
+        super().__init__()
+        tower = PromptedTower(backbone.visual)
+        self.ln_names = tower.ln_names
+        bound = prompt_init_bound(backbone.width)
+        prompts = torch.empty(prompt_tokens, backbone.width).uniform_(-bound, bound, generator=gen)
+        self.prompts = nn.Parameter(prompts)
+        self.ln = nn.ParameterDict(
+            {_key(n): nn.Parameter(t.float()) for n, t in tower.base_layernorm_state().items()}
+        )
+        self.head = nn.Linear(text_head.in_features, text_head.out_features, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(text_head.weight)
+
+    def ln_overrides(self) -> dict[str, torch.Tensor]:
+        return {n: self.ln[_key(n)] for n in self.ln_names}
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        decay = [self.prompts, self.head.weight] + [
+            self.ln[_key(n)] for n in self.ln_names if n.endswith("weight")
+        ]
+        no_decay = [self.ln[_key(n)] for n in self.ln_names if n.endswith("bias")]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def export(self) -> dict[str, torch.Tensor]:
+        tensors = {
+            PROMPTS: self.prompts.detach().cpu().clone(),
+            HEAD: self.head.weight.detach().cpu().clone(),
+        }
+        for n in self.ln_names:
+            tensors[LN_PREFIX + n] = self.ln[_key(n)].detach().cpu().clone()
+        return tensors
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")  # ParameterDict keys may not contain dots
+
+
+def count_parameters(state: LafterState) -> int:
+    return sum(p.numel() for p in state.parameters())
+
+
+def adapt(
+    backbone: Backbone,
+    text_head: nn.Linear,
+    images: ImageCache | Sequence[Image.Image],
+    class_names: Sequence[str],
+    config: AdaptConfig | None = None,
+    *,
+    seed: int = 0,
+    progress: ProgressCallback | None = None,
+    should_cancel: CancelCheck | None = None,
+) -> AdaptResult:
+    """Run LaFTer's stage 2 and return the adapted model (prompts, LayerNorms, head)."""
+    config = config or AdaptConfig()
+    if text_head.out_features != len(class_names):
+        raise InvalidInputError(
+            f"head has {text_head.out_features} classes but {len(class_names)} names were given"
+        )
+    if config.data_path == "fast" and not isinstance(images, ImageCache):
+        images = ImageCache.from_pil(list(images), backbone.image_size)
+    if config.data_path == "reference" and isinstance(images, ImageCache):
+        raise InvalidInputError("the reference data path needs the original PIL images, not an ImageCache")
+    n = len(images)
+    resolved = config.resolve(n)
+    dev = backbone.device
+    amp_dtype = backbone.amp_dtype if config.data_path == "fast" else None
+    resolved["precision"] = precision_name(amp_dtype)
+    resolved["device"] = str(dev)
+    resolved["seed"] = seed
+    total = int(resolved["total_steps"])
+    batch = int(resolved["batch_size"])
+
+    devices = [dev] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # seeded, without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)
+        state = LafterState(backbone, text_head, config.prompt_tokens, gen).to(dev)
+        frozen_head = copy.deepcopy(text_head).to(dev).requires_grad_(False)
+        resolved["trainable_parameters"] = count_parameters(state)
+        base_params = sum(p.numel() for p in backbone.visual.parameters())
+        log.info(
+            "LaFTer: trainable %d of %d image-tower parameters (%.4f%%); %d steps of batch %d over %d images",
+            resolved["trainable_parameters"],
+            base_params,
+            100.0 * resolved["trainable_parameters"] / max(1, base_params),
+            total,
+            batch,
+            n,
+        )
+        opt = torch.optim.AdamW(
+            state.param_groups(config.weight_decay), lr=config.learning_rate, fused=dev.type == "cuda"
+        )
+        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        tower = PromptedTower(backbone.visual)
+
+        def encode(x: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+            return tower(x, prompts, state.ln_overrides())
+
+        if config.compile:
+            encode = torch.compile(encode)
+
+        def train_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with (
+                torch.no_grad(),
+                torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
+            ):
+                teacher = nn.functional.normalize(encode(weak, None).float(), dim=-1)
+                pseudo = frozen_head(teacher).argmax(dim=1)
+            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = state.head(encode(strong, state.prompts))
+            loss = loss_fn(logits.float(), pseudo)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return loss.detach(), pseudo
+
+        histogram = torch.zeros(len(class_names), dtype=torch.long, device=dev)
+        window_hist = torch.zeros_like(histogram)
+        history: list[dict[str, Any]] = []
+        step = 0
+        start = time.perf_counter()
+        window_start, window_images, window_steps = start, 0, 0
+        loss_sum = torch.zeros((), device=dev)
+        batches = _batches(images, batch, total, resolved["steps_per_epoch"], gen, dev, backbone, config)
+        for weak, strong in batches:
+            check_cancel(should_cancel, STAGE, step)
+            loss, pseudo = train_step(weak, strong)
+            step += 1
+            loss_sum += loss
+            counts = torch.bincount(pseudo, minlength=len(class_names))
+            histogram += counts
+            window_hist += counts
+            window_images += int(pseudo.shape[0])
+            window_steps += 1
+            if progress is not None and (step % config.log_every == 0 or step == total):
+                now = time.perf_counter()
+                metrics = {
+                    "loss": float(loss_sum.item()) / window_steps,
+                    "images_per_s": window_images / max(now - window_start, 1e-9),
+                    "pseudo_label_histogram": window_hist.tolist(),
+                    "epoch": (step - 1) // max(1, resolved["steps_per_epoch"]) + 1,
+                }
+                history.append({"step": step, **metrics})
+                progress(ProgressEvent(STAGE, step, total, metrics))
+                loss_sum.zero_()
+                window_hist.zero_()
+                window_start, window_images, window_steps = now, 0, 0
+        seconds = time.perf_counter() - start
+
+    adapted = AdaptedModel(
+        base_spec=backbone.spec,
+        class_names=list(class_names),
+        tensors=state.export(),
+        kind="lafter",
+        normalize_features=False,
+        metadata={"hyperparameters": _jsonable(resolved), "steps": step},
+    )
+    return AdaptResult(
+        model=adapted,
+        steps=step,
+        epochs=int(resolved["epochs"]),
+        resolved=resolved,
+        history=history,
+        pseudo_label_histogram=histogram.tolist(),
+        images_per_s=step * batch / max(seconds, 1e-9),
+        seconds=seconds,
+    )
+
+
+def _batches(
+    images: ImageCache | Sequence[Image.Image],
+    batch: int,
+    total: int,
+    steps_per_epoch: int,
+    gen: torch.Generator,
+    dev: torch.device,
+    backbone: Backbone,
+    config: AdaptConfig,
+):  # type: ignore[no-untyped-def]
+    """Yield (weak, strong) normalised view batches on ``dev`` for ``total`` steps."""
+    if isinstance(images, ImageCache):
+        views = ViewMaker(backbone.image_size, backbone.mean, backbone.std).to(dev)
+        data = images.data
+        produced = 0
+        while produced < total:
+            order = torch.randperm(len(images), generator=gen)
+            for i in range(steps_per_epoch):
+                if produced >= total:
+                    return
+                idx = order[i * batch : (i + 1) * batch]
+                u8 = data[idx].to(dev, non_blocking=True)
+                yield views(u8)
+                produced += 1
+        return
+    dataset = ReferenceDataset(list(images), ReferenceViews(backbone.image_size, backbone.mean, backbone.std))
+    produced = 0
+    while produced < total:
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_size=batch,
+            shuffle=True,
+            drop_last=True,
+            num_workers=config.reference_workers,
+            generator=gen,
+        )
+        for weak, strong in loader:
+            if produced >= total:
+                return
+            yield weak.to(dev), strong.to(dev)
+            produced += 1
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None}
