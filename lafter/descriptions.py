@@ -196,10 +196,6 @@ class DescriptionConfig:
                 self.domain = " ".join(self.domain.split())
         if self.source == "provided" and self.provided is None:
             problems.append("source='provided' needs the sentences in `provided`")
-        if self.provided is not None and self.source != "provided":
-            problems.append(
-                f"`provided` sentences are only used with source='provided' (source is {self.source!r})"
-            )
         if problems:
             raise InvalidInputError("invalid description configuration: " + "; ".join(problems))
 
@@ -475,6 +471,11 @@ def generate_descriptions(
     templates = [template_sentences(name, config.template_set, config.domain) for name in names]
     warnings: list[str] = []
     no_extra: list[list[str]] = [[] for _ in names]
+    if config.provided and config.source != "provided":
+        # Not an error: job definitions often carry every field; but the user should know.
+        warnings.append(
+            f"provided sentences were ignored because the description source is {config.source!r}"
+        )
 
     def finish(extra: list[list[str]], source_used: str) -> Descriptions:
         return _assemble(names, extra, templates, source_used, warnings, reporter, should_cancel)
@@ -506,7 +507,7 @@ def generate_descriptions(
         if config.on_llm_failure == "fail":
             raise
         message = f"language model failed, descriptions fell back to templates only: {exc}"
-        logger.warning(message)
+        logger.warning("%s", message)
         warnings.append(message)
         return finish(no_extra, "templates")
 

@@ -157,6 +157,14 @@ def wrong_shape() -> Behaviour:
     return behaviour
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # hanging handlers must not block stop()
+    # The stdlib default backlog of 5 overflows when a client opens 8 connections at once, and the
+    # kernel then retries the connection a whole second later: tests became slow for no reason.
+    request_queue_size = 128
+
+
 class FakeLLMServer:
     """The server. Use as a context manager or call ``start()``/``stop()``."""
 
@@ -168,7 +176,7 @@ class FakeLLMServer:
         self.requests: list[RecordedRequest] = []
         self.in_flight = 0
         self.max_in_flight = 0
-        self._httpd: ThreadingHTTPServer | None = None
+        self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
 
     # -- scripting ---------------------------------------------------------------------------
@@ -236,9 +244,7 @@ class FakeLLMServer:
                 finally:
                     server._leave()
 
-        httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        httpd.daemon_threads = True
-        httpd.block_on_close = False  # type: ignore[attr-defined]  # hanging handlers must not block stop()
+        httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd = httpd
         self._thread = threading.Thread(
             target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True

@@ -340,7 +340,6 @@ def test_class_names_are_trimmed() -> None:
         {"on_llm_failure": "ignore"},
         {"domain": "  "},
         {"source": "provided"},
-        {"source": "auto", "provided": {"cat": ["x"]}},
     ],
 )
 def test_config_validation(kwargs: dict[str, Any]) -> None:
@@ -372,3 +371,10 @@ def test_json_round_trip() -> None:
         )
     with pytest.raises(InvalidInputError):
         Descriptions(["a", "b"], [0], ["x", "y"], "templates")
+
+
+def test_provided_sentences_with_another_source_are_ignored_with_a_warning() -> None:
+    config = DescriptionConfig(source="templates", provided={"cat": ["A very particular cat."]})
+    result = generate_descriptions(["cat", "dog"], config)
+    assert "A very particular cat." not in result.sentences
+    assert any("provided sentences were ignored" in w for w in result.warnings)
