@@ -225,6 +225,7 @@ def adapt(
 
         histogram = torch.zeros(len(class_names), dtype=torch.long, device=dev)
         window_hist = torch.zeros_like(histogram)
+        ones = torch.ones(batch, dtype=torch.long, device=dev)
         history: list[dict[str, Any]] = []
         step = 0
         start = time.perf_counter()
@@ -236,7 +237,8 @@ def adapt(
             loss, pseudo = train_step(weak, strong)
             step += 1
             loss_sum += loss
-            counts = torch.bincount(pseudo, minlength=len(class_names))
+            # scatter, not bincount: bincount on CUDA reads the max back to the host (a sync per step)
+            counts = torch.zeros_like(histogram).index_add_(0, pseudo, ones[: pseudo.shape[0]])
             histogram += counts
             window_hist += counts
             window_images += int(pseudo.shape[0])
@@ -289,14 +291,14 @@ def _batches(
     """Yield (weak, strong) normalised view batches on ``dev`` for ``total`` steps."""
     if isinstance(images, ImageCache):
         views = ViewMaker(backbone.image_size, backbone.mean, backbone.std).to(dev)
-        data = images.data
+        data = _on_device_if_it_fits(images.data, dev)
         produced = 0
         while produced < total:
             order = torch.randperm(len(images), generator=gen)
             for i in range(steps_per_epoch):
                 if produced >= total:
                     return
-                idx = order[i * batch : (i + 1) * batch]
+                idx = order[i * batch : (i + 1) * batch].to(data.device, non_blocking=True)
                 u8 = data[idx].to(dev, non_blocking=True)
                 yield views(u8)
                 produced += 1
@@ -317,6 +319,17 @@ def _batches(
                 return
             yield weak.to(dev), strong.to(dev)
             produced += 1
+
+
+def _on_device_if_it_fits(data: torch.Tensor, dev: torch.device, fraction: float = 0.25) -> torch.Tensor:
+    """Keep the uint8 cache on the GPU when it takes under ``fraction`` of free memory, so batches
+    are gathered there (no host gather, no pageable copy); otherwise batches come from pinned memory."""
+    if dev.type != "cuda":
+        return data
+    free, _total = torch.cuda.mem_get_info(dev)
+    if data.numel() * data.element_size() < fraction * free:
+        return data.to(dev)
+    return data
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
