@@ -200,28 +200,46 @@ def load_backbone(
     _check_vit(spec, model_cfg)
 
     try:
-        if parsed.config_path is not None:
-            model = _create_from_config(model_cfg)
-            if not parsed.is_random:
-                open_clip.load_checkpoint(model, str(parsed.pretrained))
-        else:
-            assert parsed.arch is not None
-            tag_cfg = get_pretrained_cfg(parsed.arch, parsed.pretrained) if not parsed.is_random else {}
-            quick_gelu = bool(tag_cfg.get("quick_gelu", False)) and not model_cfg.get("quick_gelu", False)
-            model = open_clip.create_model(
-                parsed.arch,
-                pretrained=None if parsed.is_random else parsed.pretrained,
-                force_quick_gelu=quick_gelu,
-                cache_dir=cache_dir,
-                pretrained_text=False,
-            )
+        # random weights are seeded, so every process that loads "X::random" gets the same model
+        # (an API and a worker must agree, and caches keyed by spec must stay valid)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _build(parsed, model_cfg, cache_dir)
     except (UnsupportedArchitectureError, InvalidModelSpecError):
         raise
     except Exception as exc:  # open_clip raises RuntimeError/OSError/HF errors for missing weights
         raise WeightsUnavailableError(
             f"could not load the weights of {spec!r}: {type(exc).__name__}: {str(exc)[:400]}. {_weights_hint(parsed)}"
         ) from exc
+    return _wrap(spec, parsed, model, model_cfg, dev, amp)
 
+
+def _build(parsed: ModelSpec, model_cfg: dict[str, Any], cache_dir: str | None) -> Any:
+    if parsed.config_path is not None:
+        model = _create_from_config(model_cfg)
+        if not parsed.is_random:
+            open_clip.load_checkpoint(model, str(parsed.pretrained))
+        return model
+    assert parsed.arch is not None
+    tag_cfg = get_pretrained_cfg(parsed.arch, parsed.pretrained) if not parsed.is_random else {}
+    quick_gelu = bool(tag_cfg.get("quick_gelu", False)) and not model_cfg.get("quick_gelu", False)
+    return open_clip.create_model(
+        parsed.arch,
+        pretrained=None if parsed.is_random else parsed.pretrained,
+        force_quick_gelu=quick_gelu,
+        cache_dir=cache_dir,
+        pretrained_text=False,
+    )
+
+
+def _wrap(
+    spec: str,
+    parsed: ModelSpec,
+    model: Any,
+    model_cfg: dict[str, Any],
+    dev: torch.device,
+    amp: torch.dtype | None,
+) -> Backbone:
     if not isinstance(model.visual, VisionTransformer):
         raise UnsupportedArchitectureError(
             f"{spec!r} built a {type(model.visual).__name__} image tower; LaFTer needs a ViT"

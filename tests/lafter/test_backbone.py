@@ -91,3 +91,14 @@ def test_list_base_models_includes_tags_and_local_folder(tmp_path):
     local = [m for m in models if m["source"] == "local"]
     assert local and local[0]["spec"] == f"{tmp_path / 'mine.json'}::{tmp_path / 'mine.pt'}"
     assert load_backbone(local[0]["spec"], device="cpu").width == 64
+
+
+def test_random_weights_are_the_same_in_every_load_and_leave_the_callers_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    a = load_backbone(f"{TINY_JSON}::random", device="cpu")
+    assert torch.equal(torch.rand(1), expected_next)
+    b = load_backbone(f"{TINY_JSON}::random", device="cpu")
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        assert torch.equal(x, y), k

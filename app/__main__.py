@@ -1,0 +1,89 @@
+"""``python -m app``: the whole service in one command, with nothing else installed.
+
+Embedded defaults: SQLite and blobs under ``LAFTER_DATA_DIR`` (./data), kombu's filesystem broker
+(no server), the schema made by the migrations at start, and a Celery worker started alongside the
+API as a child process. Any ``LAFTER_*`` setting still applies (point it at Postgres and Redis and
+it is the production shape on one machine). ``--no-worker`` starts the API alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import uvicorn
+
+from app.core.migrate import upgrade_head
+from app.core.settings import get_settings
+
+log = logging.getLogger("app")
+
+
+def worker_command(queue: str, loglevel: str = "INFO") -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        "worker",
+        "--pool=solo",
+        "-Q",
+        queue,
+        f"--loglevel={loglevel}",
+        "--without-gossip",
+        "--without-mingle",
+        "--without-heartbeat",
+    ]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--no-worker", action="store_true", help="do not start a worker alongside the API")
+    parser.add_argument("--no-migrate", action="store_true", help="do not run the migrations at start")
+    args = parser.parse_args(argv)
+
+    settings = get_settings()
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_migrate:
+        log.info("migrating %s", settings.database_url.split("@")[-1])
+        upgrade_head(settings.database_url)
+
+    worker: subprocess.Popen[bytes] | None = None
+    if settings.embedded_worker and not args.no_worker:
+        worker = subprocess.Popen(
+            worker_command(settings.gpu_queue, settings.log_level), env=dict(os.environ)
+        )
+        log.info("started worker pid %d on queue %s", worker.pid, settings.gpu_queue)
+
+    def stop_worker(*_args: object) -> None:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+    try:
+        uvicorn.run(
+            "app.main:app",
+            host=args.host or settings.host,
+            port=args.port or settings.port,
+            log_level=settings.log_level.lower(),
+        )
+    finally:
+        stop_worker()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,167 @@
+"""Errors as values with a stable code, mapped once to RFC 7807 problem JSON.
+
+Services raise ``ApiError`` subclasses (or return them in reports); ``install_error_handlers``
+turns them, FastAPI's validation errors and ``lafter`` errors into ``application/problem+json``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lafter.errors import LafterError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class ApiError(Exception):
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status: int | None = None,
+        field: str | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+        self.field = field
+        self.extra = extra or {}
+
+    @property
+    def message(self) -> str:
+        return str(self)
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+    title = "Not found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+    title = "Conflict"
+
+
+class Invalid(ApiError):
+    """The request is well-formed but names something unusable; ``field`` says which part."""
+
+    status = 422
+    code = "invalid_request"
+    title = "Unprocessable request"
+
+
+class TooLarge(ApiError):
+    status = 413
+    code = "too_large"
+    title = "Payload too large"
+
+
+class Unavailable(ApiError):
+    status = 503
+    code = "unavailable"
+    title = "Service unavailable"
+
+
+def problem(
+    status: int,
+    code: str,
+    detail: str,
+    *,
+    title: str | None = None,
+    field: str | None = None,
+    errors: list[dict[str, Any]] | None = None,
+    extra: dict[str, Any] | None = None,
+    instance: str | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": f"https://lafter.dev/problems/{code}",
+        "title": title or code.replace("_", " ").capitalize(),
+        "status": status,
+        "detail": detail,
+        "code": code,
+    }
+    if instance:
+        body["instance"] = instance
+    if field:
+        body["field"] = field
+    if errors:
+        body["errors"] = errors
+    if extra:
+        body.update(extra)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+
+
+def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
+    return ".".join(parts) or ".".join(str(p) for p in loc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return problem(
+            exc.status,
+            exc.code,
+            exc.message,
+            title=exc.title,
+            field=exc.field,
+            extra=exc.extra,
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"field": _field_of(e.get("loc", ())), "message": e.get("msg", ""), "type": e.get("type", "")}
+            for e in exc.errors()
+        ]
+        first = errors[0]["field"] if errors else None
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors) or "invalid request"
+        return problem(
+            422,
+            "validation_error",
+            detail,
+            title="Invalid request",
+            field=first,
+            errors=errors,
+            instance=request.url.path,
+        )
+
+    @app.exception_handler(LafterError)
+    async def _lafter(request: Request, exc: LafterError) -> JSONResponse:
+        return problem(422, exc.code, exc.message, instance=request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        default = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status_code, "http_error"
+        )
+        code = str(getattr(exc, "code", default))
+        status = exc.status_code
+        if status == 400 and str(exc.detail).startswith("Too many files"):
+            # Starlette's multipart limit: a size problem, answered like the others.
+            status, code = 413, "too_many_files"
+        return problem(status, code, str(exc.detail), instance=request.url.path)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem(500, "internal_error", "internal error; see the server log", instance=request.url.path)

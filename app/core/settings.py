@@ -1,0 +1,145 @@
+"""One typed settings object, read once from the environment (prefix ``LAFTER_``).
+
+The defaults are the embedded single-user mode: SQLite, a broker that needs no server (kombu's
+filesystem transport), blobs in a local folder, all under ``data_dir``. The production shape sets
+``LAFTER_ENV=production`` plus Postgres and Redis URLs, and refuses to start on the embedded
+defaults (see ``check_production``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LAFTER_", env_file=".env", extra="ignore")
+
+    env: Literal["development", "production", "test"] = "development"
+    log_level: str = "INFO"
+
+    # --- storage of rows, messages and blobs -------------------------------------------------
+    data_dir: Path = Path("./data")
+    database_url: str = ""  # default: sqlite:///{data_dir}/lafter.db
+    broker_url: str = ""  # default: filesystem:// under {data_dir}/broker
+    storage_backend: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # default: {data_dir}/blobs
+    s3_bucket: str = ""
+    s3_prefix: str = ""
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
+
+    # --- HTTP ---------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    default_owner_id: str = "default"
+    page_size_default: int = Field(default=20, ge=1)
+    page_size_max: int = Field(default=100, ge=1)
+
+    # --- upload limits ------------------------------------------------------------------------
+    max_request_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_file_bytes: int = Field(default=25 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    min_image_side: int = Field(default=8, ge=1)
+    max_files_per_request: int = Field(default=10_000, ge=1)
+    max_archive_members: int = Field(default=50_000, ge=1)
+    max_archive_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=1)
+
+    # --- jobs ---------------------------------------------------------------------------------
+    min_images_per_job: int = Field(default=16, ge=1)
+    max_classes: int = Field(default=1000, ge=2)
+    max_class_name_length: int = Field(default=200, ge=1)
+    allow_random_weights: bool = False
+    gpu_queue: str = "gpu"
+    job_time_limit_s: int = Field(default=6 * 3600, ge=60)
+    broker_visibility_timeout_s: int = Field(default=8 * 3600, ge=60)
+    cancel_poll_interval_s: float = Field(default=1.0, gt=0)
+    progress_write_interval_s: float = Field(default=0.5, ge=0)
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+
+    # --- models and compute -------------------------------------------------------------------
+    local_model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    model_cache_dir: Path | None = None
+    device: str = "auto"
+    precision: str = "auto"
+    api_device: str = "cpu"
+    torch_threads: int = Field(default=0, ge=0)  # 0: leave torch's default
+    adapted_cache_size: int = Field(default=32, ge=1)
+    base_model_cache_size: int = Field(default=2, ge=1)
+    classify_batch_size: int = Field(default=64, ge=1)
+    classify_max_images: int = Field(default=256, ge=1)
+
+    # --- language model for descriptions (any OpenAI-compatible endpoint) ---------------------
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+    llm_api_key: str | None = None
+    llm_timeout_s: float = Field(default=60.0, gt=0)
+
+    # --- embedded mode ------------------------------------------------------------------------
+    embedded_worker: bool = True
+
+    @field_validator("local_model_dirs", mode="before")
+    @classmethod
+    def _split_dirs(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                import json
+
+                return json.loads(text)
+            return [part for part in text.replace(";", ",").split(",") if part.strip()] if text else []
+        return value
+
+    @model_validator(mode="after")
+    def _defaults_and_consistency(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'lafter.db').resolve()}"
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        if self.storage_dir is None:
+            self.storage_dir = self.data_dir / "blobs"
+        if self.broker_visibility_timeout_s <= self.job_time_limit_s:
+            raise ValueError(
+                "LAFTER_BROKER_VISIBILITY_TIMEOUT_S must exceed LAFTER_JOB_TIME_LIMIT_S, or a long job "
+                "is redelivered to a second worker while the first is still running it"
+            )
+        if self.storage_backend == "s3" and not self.s3_bucket:
+            raise ValueError("LAFTER_STORAGE_BACKEND=s3 needs LAFTER_S3_BUCKET")
+        if self.env == "production":
+            self.check_production()
+        return self
+
+    def check_production(self) -> None:
+        """Refuse the embedded defaults where they would lose data or jobs under load."""
+        problems = []
+        if self.is_sqlite:
+            problems.append("LAFTER_DATABASE_URL is SQLite; production needs PostgreSQL")
+        if self.broker_url.startswith("filesystem"):
+            problems.append("LAFTER_BROKER_URL is the filesystem transport; production needs Redis")
+        if problems:
+            raise ValueError("refusing to start in production mode: " + "; ".join(problems))
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def blob_dir(self) -> Path:
+        assert self.storage_dir is not None
+        return self.storage_dir
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests that change the environment call ``cache_clear``."""
+    return Settings()

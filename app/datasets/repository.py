@@ -1,0 +1,90 @@
+"""Queries for datasets and their images. Every read is scoped by owner."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy.orm import Session
+
+from app.datasets.tables import Dataset, DatasetImage
+
+
+def get(session: Session, owner_id: str, dataset_id: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner_id == owner_id))
+
+
+def list_query(owner_id: str) -> Select[Any]:
+    return select(Dataset).where(Dataset.owner_id == owner_id)
+
+
+def images_by_sha(session: Session, dataset_id: str, shas: Iterable[str]) -> dict[str, DatasetImage]:
+    wanted = list(set(shas))
+    if not wanted:
+        return {}
+    rows = session.scalars(
+        select(DatasetImage).where(DatasetImage.dataset_id == dataset_id, DatasetImage.sha256.in_(wanted))
+    )
+    return {row.sha256: row for row in rows}
+
+
+def add_counts(session: Session, dataset_id: str, train: int, evaluation: int, nbytes: int) -> None:
+    # Increment in SQL so that concurrent uploads to one dataset do not lose counts.
+    session.execute(
+        update(Dataset)
+        .where(Dataset.id == dataset_id)
+        .values(
+            image_count=Dataset.image_count + train,
+            eval_image_count=Dataset.eval_image_count + evaluation,
+            total_bytes=Dataset.total_bytes + nbytes,
+        )
+    )
+
+
+def train_images(session: Session, dataset_id: str) -> Sequence[DatasetImage]:
+    return session.scalars(
+        select(DatasetImage)
+        .where(DatasetImage.dataset_id == dataset_id, DatasetImage.split == "train")
+        .order_by(DatasetImage.id)
+    ).all()
+
+
+def eval_images(session: Session, dataset_id: str) -> Sequence[DatasetImage]:
+    return session.scalars(
+        select(DatasetImage)
+        .where(DatasetImage.dataset_id == dataset_id, DatasetImage.split == "eval")
+        .order_by(DatasetImage.id)
+    ).all()
+
+
+def storage_keys(session: Session, dataset_id: str) -> list[str]:
+    return list(
+        session.scalars(select(DatasetImage.storage_key).where(DatasetImage.dataset_id == dataset_id))
+    )
+
+
+def unreferenced_keys(session: Session, keys: Iterable[str]) -> list[str]:
+    wanted = list(set(keys))
+    if not wanted:
+        return []
+    used = set(
+        session.scalars(
+            select(DatasetImage.storage_key).where(DatasetImage.storage_key.in_(wanted)).distinct()
+        )
+    )
+    return [key for key in wanted if key not in used]
+
+
+def delete_dataset(session: Session, dataset_id: str) -> None:
+    session.execute(delete(DatasetImage).where(DatasetImage.dataset_id == dataset_id))
+    session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+
+
+def count_images(session: Session, dataset_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count()).select_from(DatasetImage).where(DatasetImage.dataset_id == dataset_id)
+        )
+        or 0
+    )

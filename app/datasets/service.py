@@ -1,0 +1,291 @@
+"""Dataset rules: creation, uploads (decode, dedupe, split), deletion. Never commits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.core.auth import Owner
+from app.core.errors import Conflict, Invalid, NotFound, TooLarge
+from app.core.ids import new_id
+from app.core.metrics import UPLOADED_FILES
+from app.core.settings import Settings
+from app.core.storage import BlobWrites
+from app.datasets import repository
+from app.datasets.ingest import (
+    SIZE_CODES,
+    Candidate,
+    DecodedImage,
+    Limits,
+    Rejection,
+    decode_image,
+    iter_archive,
+    looks_like_archive,
+)
+from app.datasets.schemas import (
+    AcceptedFile,
+    DatasetCreate,
+    DatasetOut,
+    DuplicateFile,
+    RejectedFile,
+    UploadReport,
+)
+from app.datasets.tables import Dataset, DatasetImage
+from app.jobs.tables import Job
+
+
+@dataclass
+class UploadSource:
+    filename: str
+    fileobj: IO[bytes]
+    size: int | None
+
+
+@dataclass
+class _Outcome:
+    accepted: list[AcceptedFile] = field(default_factory=list)
+    duplicates: list[DuplicateFile] = field(default_factory=list)
+    rejected: list[Rejection] = field(default_factory=list)
+
+
+def limits_from(settings: Settings) -> Limits:
+    return Limits(
+        max_file_bytes=settings.max_file_bytes,
+        max_image_pixels=settings.max_image_pixels,
+        min_image_side=settings.min_image_side,
+        max_archive_members=settings.max_archive_members,
+        max_archive_bytes=settings.max_archive_bytes,
+    )
+
+
+def to_out(ds: Dataset) -> DatasetOut:
+    return DatasetOut(
+        id=ds.id,
+        name=ds.name,
+        metadata=ds.metadata_,
+        status="ready" if ds.image_count + ds.eval_image_count > 0 else "empty",
+        image_count=ds.image_count,
+        eval_image_count=ds.eval_image_count,
+        total_bytes=ds.total_bytes,
+        created_at=ds.created_at,
+        updated_at=ds.updated_at,
+    )
+
+
+def create(session: Session, owner: Owner, body: DatasetCreate) -> Dataset:
+    ds = Dataset(id=new_id("ds"), owner_id=owner.id, name=body.name.strip(), metadata_=body.metadata)
+    session.add(ds)
+    session.flush()
+    return ds
+
+
+def get(session: Session, owner: Owner, dataset_id: str) -> Dataset:
+    ds = repository.get(session, owner.id, dataset_id)
+    if ds is None:
+        raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
+    return ds
+
+
+def parse_labels(raw: str | None) -> dict[str, str]:
+    """The ``labels`` form field: a JSON object mapping file name (or archive member path) to class."""
+    if raw is None or not raw.strip():
+        return {}
+    try:
+        value: Any = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise Invalid(f"labels is not valid JSON: {exc}", code="labels_invalid", field="labels") from exc
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise Invalid(
+            "labels must be a JSON object of file name -> class name", code="labels_invalid", field="labels"
+        )
+    cleaned = {k: v.strip() for k, v in value.items()}
+    empty = [k for k, v in cleaned.items() if not v]
+    if empty:
+        raise Invalid(f"empty class name for {empty[0]!r}", code="labels_invalid", field="labels")
+    return cleaned
+
+
+def _candidates(
+    sources: Sequence[UploadSource], split: str, labels: dict[str, str], limits: Limits
+) -> list[Candidate | Rejection]:
+    out: list[Candidate | Rejection] = []
+    for src in sources:
+        name = src.filename or "upload"
+        if src.size is not None and src.size > max(limits.max_file_bytes, limits.max_archive_bytes):
+            out.append(Rejection(name, "file_too_large", f"{src.size} bytes exceeds the upload limits"))
+            continue
+        head = src.fileobj.read(512)
+        src.fileobj.seek(0)
+        kind = looks_like_archive(name, head)
+        if kind is not None:
+            for item in iter_archive(name, src.fileobj, kind, limits, labelled=split == "eval"):
+                if isinstance(item, Candidate):
+                    member_path = item.filename.removeprefix(f"{name}/")
+                    explicit = labels.get(member_path) or labels.get(item.filename)
+                    if explicit is not None:
+                        item = Candidate(item.filename, item.data, explicit)
+                out.append(item)
+            continue
+        if src.size is not None and src.size > limits.max_file_bytes:
+            out.append(
+                Rejection(
+                    name,
+                    "file_too_large",
+                    f"{src.size} bytes exceeds the per-file limit of {limits.max_file_bytes}",
+                )
+            )
+            continue
+        data = src.fileobj.read(limits.max_file_bytes + 1)
+        out.append(Candidate(name, data, labels.get(name)))
+    return out
+
+
+def add_images(
+    session: Session,
+    blobs: BlobWrites,
+    owner: Owner,
+    dataset_id: str,
+    sources: Sequence[UploadSource],
+    *,
+    split: str,
+    labels: dict[str, str],
+    settings: Settings,
+) -> UploadReport:
+    """Decode every file, store new images once by SHA-256, and report per file. Raises (and the
+    caller rolls back) when nothing at all was accepted, with the per-file reasons attached."""
+    ds = get(session, owner, dataset_id)
+    if not sources:
+        raise Invalid("no files in the request (multipart field 'files')", code="no_files", field="files")
+    if split not in ("train", "eval"):
+        raise Invalid("split must be 'train' or 'eval'", code="split_invalid", field="split")
+    limits = limits_from(settings)
+    outcome = _Outcome()
+    decoded: list[DecodedImage] = []
+    for item in _candidates(sources, split, labels, limits):
+        if isinstance(item, Rejection):
+            outcome.rejected.append(item)
+            continue
+        if split == "eval" and not item.label:
+            outcome.rejected.append(
+                Rejection(
+                    item.filename,
+                    "label_missing",
+                    "evaluation images need a class: a folder or a labels entry",
+                )
+            )
+            continue
+        if item.label is not None and len(item.label) > settings.max_class_name_length:
+            outcome.rejected.append(Rejection(item.filename, "label_invalid", "the class name is too long"))
+            continue
+        result = decode_image(item, limits)
+        if isinstance(result, Rejection):
+            outcome.rejected.append(result)
+        else:
+            decoded.append(result)
+
+    existing = repository.images_by_sha(session, ds.id, (d.sha256 for d in decoded))
+    seen: dict[str, DatasetImage] = dict(existing)
+    added_train = added_eval = added_bytes = 0
+    for img in decoded:
+        img_split = "eval" if img.label else "train"
+        prior = seen.get(img.sha256)
+        if prior is not None:
+            if prior.split != img_split:
+                # One image in both splits would leak evaluation labels into training.
+                outcome.rejected.append(
+                    Rejection(
+                        img.filename,
+                        "split_conflict",
+                        f"the same image is already in the {prior.split} split of this dataset",
+                    )
+                )
+            else:
+                outcome.duplicates.append(
+                    DuplicateFile(filename=img.filename, image_id=prior.id, sha256=img.sha256)
+                )
+            continue
+        key = f"images/{img.sha256[:2]}/{img.sha256}"
+        blobs.put_if_absent(key, img.data)
+        row = DatasetImage(
+            id=new_id("img"),
+            dataset_id=ds.id,
+            owner_id=owner.id,
+            sha256=img.sha256,
+            storage_key=key,
+            filename=img.filename[:500],
+            format=img.format,
+            width=img.width,
+            height=img.height,
+            size_bytes=len(img.data),
+            split=img_split,
+            label=img.label,
+        )
+        session.add(row)
+        seen[img.sha256] = row
+        outcome.accepted.append(
+            AcceptedFile(
+                filename=img.filename,
+                image_id=row.id,
+                sha256=img.sha256,
+                width=img.width,
+                height=img.height,
+                split=img_split,  # type: ignore[arg-type]
+                label=img.label,
+            )
+        )
+        added_bytes += len(img.data)
+        if img_split == "eval":
+            added_eval += 1
+        else:
+            added_train += 1
+
+    UPLOADED_FILES.labels("accepted").inc(len(outcome.accepted))
+    UPLOADED_FILES.labels("duplicate").inc(len(outcome.duplicates))
+    UPLOADED_FILES.labels("rejected").inc(len(outcome.rejected))
+
+    if not outcome.accepted and not outcome.duplicates:
+        codes = {r.code for r in outcome.rejected}
+        code = next(iter(codes)) if len(codes) == 1 else "no_images_accepted"
+        error_cls = TooLarge if codes and codes <= SIZE_CODES else Invalid
+        first = outcome.rejected[0].message if outcome.rejected else "no images"
+        raise error_cls(
+            f"no image was accepted: {first}" if len(outcome.rejected) == 1 else "no image was accepted",
+            code=code,
+            field="files",
+            extra={"rejected": [r.as_dict() for r in outcome.rejected]},
+        )
+
+    session.flush()
+    repository.add_counts(session, ds.id, added_train, added_eval, added_bytes)
+    session.flush()
+    session.refresh(ds)
+    return UploadReport(
+        dataset_id=ds.id,
+        accepted=outcome.accepted,
+        duplicates=outcome.duplicates,
+        rejected=[RejectedFile(**r.as_dict()) for r in outcome.rejected],
+        dataset=to_out(ds),
+    )
+
+
+def delete(session: Session, owner: Owner, dataset_id: str) -> list[str]:
+    """Delete the dataset and its images; returns blob keys to delete after the commit."""
+    ds = get(session, owner, dataset_id)
+    active = session.scalar(
+        select(Job.id)
+        .where(Job.dataset_id == ds.id, Job.status.in_(("queued", "running", "cancelling")))
+        .limit(1)
+    )
+    if active is not None:
+        raise Conflict(f"dataset {ds.id} is used by unfinished job {active}", code="dataset_in_use")
+    keys = repository.storage_keys(session, ds.id)
+    repository.delete_dataset(session, ds.id)
+    session.flush()
+    return keys

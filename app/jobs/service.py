@@ -1,0 +1,226 @@
+"""Job rules: validation before queueing, cancellation, presentation. Never commits or enqueues:
+the router commits, then enqueues (a worker must never get an id whose row it cannot see)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from app.base_models.service import validate_spec
+from app.core.auth import Owner
+from app.core.db import utcnow
+from app.core.errors import Conflict, Invalid, NotFound
+from app.core.ids import new_id
+from app.core.settings import Settings
+from app.datasets import repository as datasets
+from app.jobs import repository
+from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
+from app.jobs.tables import TERMINAL, Job
+from lafter.descriptions import class_text
+
+
+def _validate_class_names(raw: list[str], settings: Settings) -> list[str]:
+    names = [n.strip() for n in raw]
+    for i, name in enumerate(names):
+        if not class_text(name):
+            raise Invalid(
+                f"class name at position {i} is empty", code="class_name_empty", field=f"class_names.{i}"
+            )
+        if len(name) > settings.max_class_name_length:
+            raise Invalid(
+                f"class name at position {i} is longer than {settings.max_class_name_length} characters",
+                code="class_name_too_long",
+                field=f"class_names.{i}",
+            )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
+        key = class_text(name).casefold()
+        if key in seen:
+            raise Invalid(
+                f"class names {names[seen[key]]!r} (position {seen[key]}) and {name!r} (position {i}) "
+                "are the same "
+                "class (case, spaces and underscores are ignored)",
+                code="class_names_duplicate",
+                field=f"class_names.{i}",
+            )
+        seen[key] = i
+    if len(names) < 2:
+        raise Invalid(
+            f"need at least 2 class names, got {len(names)}", code="class_names_too_few", field="class_names"
+        )
+    if len(names) > settings.max_classes:
+        raise Invalid(
+            f"at most {settings.max_classes} classes, got {len(names)}",
+            code="class_names_too_many",
+            field="class_names",
+        )
+    return names
+
+
+def _validate_descriptions(body: JobCreate, names: list[str], settings: Settings) -> dict[str, Any]:
+    desc = body.descriptions
+    if desc.source == "llm" and not (settings.llm_base_url or settings.llm_api_key):
+        raise Invalid(
+            "descriptions.source is 'llm' but this deployment has no language model "
+            "(LAFTER_LLM_BASE_URL / LAFTER_LLM_API_KEY); use 'auto' or 'templates'",
+            code="llm_not_configured",
+            field="descriptions.source",
+        )
+    if desc.source == "provided":
+        if not desc.provided:
+            raise Invalid(
+                "descriptions.source is 'provided' but descriptions.provided is empty",
+                code="descriptions_invalid",
+                field="descriptions.provided",
+            )
+        keys = {class_text(k).casefold() for k in desc.provided}
+        known = {class_text(n).casefold() for n in names}
+        unknown = sorted(k for k in desc.provided if class_text(k).casefold() not in known)
+        if unknown:
+            raise Invalid(
+                f"descriptions.provided names classes not in class_names: {unknown[:10]}",
+                code="descriptions_invalid",
+                field="descriptions.provided",
+            )
+        missing = [n for n in names if class_text(n).casefold() not in keys]
+        if missing:
+            raise Invalid(
+                f"descriptions.provided has no sentences for: {missing[:10]}",
+                code="descriptions_invalid",
+                field="descriptions.provided",
+            )
+    elif desc.provided:
+        raise Invalid(
+            "descriptions.provided is only used with source 'provided'",
+            code="descriptions_invalid",
+            field="descriptions.provided",
+        )
+    return desc.model_dump(exclude_none=True)
+
+
+def request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create(
+    session: Session, owner: Owner, body: JobCreate, settings: Settings, *, idempotency_key: str | None = None
+) -> tuple[Job, bool]:
+    """Validate and insert a queued job. Returns (job, created); an Idempotency-Key seen before with
+    the same body returns the first job (created False), with another body a 409."""
+    digest = request_hash(body)
+    if idempotency_key is not None:
+        prior = repository.by_idempotency_key(session, owner.id, idempotency_key)
+        if prior is not None:
+            if prior.request_hash != digest:
+                raise Conflict(
+                    "this Idempotency-Key was used with a different request body",
+                    code="idempotency_key_reused",
+                )
+            return prior, False
+
+    names = _validate_class_names(body.class_names, settings)
+    ds = datasets.get(session, owner.id, body.dataset_id)
+    if ds is None:
+        raise Invalid(f"dataset {body.dataset_id} not found", code="dataset_not_found", field="dataset_id")
+    if ds.image_count < settings.min_images_per_job:
+        raise Invalid(
+            f"dataset {ds.id} has {ds.image_count} unlabelled images; a job needs at least "
+            f"{settings.min_images_per_job} (LAFTER_MIN_IMAGES_PER_JOB)",
+            code="dataset_too_small",
+            field="dataset_id",
+        )
+    spec = validate_spec(body.base_model, settings)
+    descriptions = _validate_descriptions(body, names, settings)
+
+    now = utcnow()
+    job = Job(
+        id=new_id("job"),
+        owner_id=owner.id,
+        dataset_id=ds.id,
+        status="queued",
+        base_model=spec,
+        class_names=names,
+        descriptions=descriptions,
+        hyperparameters=body.hyperparameters.model_dump(),
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
+        metadata_=body.metadata,
+        webhook_url=str(body.webhook_url) if body.webhook_url else None,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        warnings=[],
+        metrics={},
+        created_at=now,
+        queued_at=now,
+    )
+    session.add(job)
+    session.flush()
+    repository.add_event(
+        session, job.id, "log", message=f"queued: {len(names)} classes, {ds.image_count} images, base {spec}"
+    )
+    return job, True
+
+
+def get(session: Session, owner: Owner, job_id: str) -> Job:
+    job = repository.get(session, owner.id, job_id)
+    if job is None:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return job
+
+
+def cancel(session: Session, owner: Owner, job_id: str) -> Job:
+    """A queued job is cancelled at once (the worker skips it); a running one is asked to stop and
+    stops between steps."""
+    job = repository.get(session, owner.id, job_id, for_update=True)
+    if job is None:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    if job.status in TERMINAL:
+        raise Conflict(f"job {job.id} already finished ({job.status})", code="job_finished")
+    now = utcnow()
+    if job.status == "queued":
+        job.status = "cancelled"
+        job.finished_at = now
+        job.cancel_requested_at = now
+        job.eta_seconds = None
+        repository.add_event(session, job.id, "log", message="cancelled before it started")
+    elif job.status == "running":
+        job.status = "cancelling"
+        job.cancel_requested_at = now
+        repository.add_event(session, job.id, "log", stage=job.stage, message="cancel requested")
+    session.flush()
+    return job
+
+
+def to_out(job: Job) -> JobOut:
+    return JobOut(
+        id=job.id,
+        status=job.status,  # type: ignore[arg-type]
+        stage=job.stage,
+        dataset_id=job.dataset_id,
+        base_model=job.base_model,
+        class_names=list(job.class_names),
+        descriptions=job.descriptions,
+        progress=Progress(
+            percent=round(job.percent, 2),
+            stage_percent=round(job.stage_percent, 2),
+            step=job.step,
+            total_steps=job.total_steps,
+            eta_seconds=None if job.eta_seconds is None else round(job.eta_seconds, 1),
+        ),
+        hyperparameters=job.hyperparameters,
+        seed=job.seed,
+        error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+        model_id=job.model_id,
+        metrics=job.metrics,
+        warnings=list(job.warnings),
+        metadata=job.metadata_,
+        webhook_url=job.webhook_url,
+        created_at=job.created_at,
+        queued_at=job.queued_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )

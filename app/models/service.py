@@ -1,0 +1,155 @@
+"""Model rules: presentation, deletion, classification (adapted and zero-shot). Never commits."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from app.base_models.service import validate_spec
+from app.core.auth import Owner
+from app.core.errors import Invalid, NotFound, TooLarge
+from app.core.metrics import CLASSIFIED_IMAGES
+from app.core.settings import Settings
+from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_image
+from app.datasets.service import limits_from
+from app.jobs.service import _validate_class_names
+from app.models import repository
+from app.models.runtime import ModelRuntime
+from app.models.schemas import ClassifyResponse, ImagePredictions, ModelOut, Prediction
+from app.models.tables import Model
+from lafter.errors import LafterError
+from lafter.predict import AdaptedClassifier, top_k_labels
+
+
+@dataclass(frozen=True)
+class NamedImage:
+    filename: str | None
+    data: bytes
+
+
+def to_out(model: Model) -> ModelOut:
+    return ModelOut(
+        id=model.id,
+        job_id=model.job_id,
+        base_model=model.base_model,
+        class_names=list(model.class_names),
+        kind=model.kind,  # type: ignore[arg-type]
+        checksum=model.checksum,
+        size_bytes=model.size_bytes,
+        num_parameters=model.num_parameters,
+        metrics=model.metrics,
+        evaluation=model.evaluation,
+        warnings=list(model.warnings),
+        metadata=model.metadata_,
+        created_at=model.created_at,
+    )
+
+
+def get(session: Session, owner: Owner, model_id: str) -> Model:
+    model = repository.get(session, owner.id, model_id)
+    if model is None:
+        raise NotFound(f"model {model_id} not found", code="model_not_found")
+    return model
+
+
+def delete(session: Session, owner: Owner, model_id: str) -> None:
+    model = get(session, owner, model_id)
+    repository.delete_model(session, model.id)
+    session.flush()
+
+
+def _decode_all(images: Sequence[NamedImage], settings: Settings) -> list[Image.Image]:
+    if not images:
+        raise Invalid("no images given", code="no_images", field="files")
+    if len(images) > settings.classify_max_images:
+        raise TooLarge(
+            f"at most {settings.classify_max_images} images per request (LAFTER_CLASSIFY_MAX_IMAGES)",
+            code="too_many_images",
+            field="files",
+        )
+    limits = limits_from(settings)
+    out: list[Image.Image] = []
+    for i, img in enumerate(images):
+        name = img.filename or f"image {i}"
+        result = decode_image(Candidate(name, img.data, None), limits)
+        if isinstance(result, Rejection):
+            cls = TooLarge if result.code in SIZE_CODES else Invalid
+            raise cls(f"{name}: {result.message}", code=result.code, field=f"files.{i}")
+        out.append(Image.open(io.BytesIO(result.data)))
+    return out
+
+
+def _classify(
+    classifier: AdaptedClassifier, images: Sequence[NamedImage], top_k: int, settings: Settings
+) -> list[ImagePredictions]:
+    pil = _decode_all(images, settings)
+    # One batched forward pass over the request's images.
+    probs = classifier.predict_images(pil, batch_size=settings.classify_batch_size)
+    ranked = top_k_labels(probs, classifier.class_names, top_k)
+    return [
+        ImagePredictions(
+            index=i,
+            filename=images[i].filename,
+            predictions=[Prediction(label=label, score=score) for label, score in row],
+        )
+        for i, row in enumerate(ranked)
+    ]
+
+
+def classify_with_model(
+    session: Session,
+    owner: Owner,
+    model_id: str,
+    images: Sequence[NamedImage],
+    top_k: int,
+    runtime: ModelRuntime,
+    settings: Settings,
+) -> ClassifyResponse:
+    model = get(session, owner, model_id)
+
+    def read() -> bytes:
+        data = repository.artifact_bytes(session, model.id)
+        if data is None:
+            raise NotFound(f"model {model.id} has no stored delta", code="model_artifact_missing")
+        return data
+
+    try:
+        classifier = runtime.adapted_classifier(model.id, model.checksum, read)
+    except LafterError as exc:
+        raise Invalid(f"model {model.id} cannot be loaded: {exc}", code=exc.code) from exc
+    k = min(top_k, len(model.class_names))
+    data = _classify(classifier, images, k, settings)
+    CLASSIFIED_IMAGES.labels(model.kind).inc(len(data))
+    return ClassifyResponse(
+        model_id=model.id, base_model=model.base_model, kind=model.kind, top_k=k, data=data
+    )
+
+
+def classify_zero_shot(
+    base_model: str | None,
+    class_names: list[str] | None,
+    images: Sequence[NamedImage],
+    top_k: int,
+    runtime: ModelRuntime,
+    settings: Settings,
+) -> ClassifyResponse:
+    if not base_model:
+        raise Invalid("base_model is required", code="base_model_invalid", field="base_model")
+    if class_names is None:
+        raise Invalid("class_names is required", code="class_names_too_few", field="class_names")
+    spec = validate_spec(base_model, settings)
+    names = _validate_class_names(class_names, settings)
+    try:
+        classifier = runtime.zero_shot_classifier(spec, names)
+    except LafterError as exc:
+        raise Invalid(
+            f"base model {spec!r} cannot be loaded: {exc}", code=exc.code, field="base_model"
+        ) from exc
+    k = min(top_k, len(names))
+    data = _classify(classifier, images, k, settings)
+    CLASSIFIED_IMAGES.labels("zero_shot").inc(len(data))
+    return ClassifyResponse(base_model=spec, kind="zero_shot", top_k=k, data=data)

@@ -1,0 +1,19 @@
+"""Every ORM table, imported in one place so Alembic and tests see the whole schema."""
+
+from app.caches.tables import DescriptionCacheEntry, TextEmbeddingCacheEntry
+from app.core.db import Base
+from app.datasets.tables import Dataset, DatasetImage
+from app.jobs.tables import Job, JobEvent
+from app.models.tables import Model, ModelArtifact
+
+__all__ = [
+    "Base",
+    "Dataset",
+    "DatasetImage",
+    "DescriptionCacheEntry",
+    "Job",
+    "JobEvent",
+    "Model",
+    "ModelArtifact",
+    "TextEmbeddingCacheEntry",
+]

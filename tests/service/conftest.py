@@ -1,0 +1,196 @@
+"""The real thing for the service tests: a fresh Postgres database made by ``alembic upgrade head``,
+a dedicated Redis database as the broker, a Celery worker process and a uvicorn API process,
+talking over HTTP. Only the language model is a stand-in (a real HTTP server on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+import redis
+import sqlalchemy as sa
+
+from tests.lafter.fake_llm import FakeLLMServer
+from tests.service.helpers import REPO, TINY_CONFIG, free_port, wait_for, wait_http
+
+ADMIN_URL = os.environ.get("LAFTER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("LAFTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+# Small limits so the "too large" paths are cheap to hit.
+MAX_FILE_BYTES = 300_000
+MAX_REQUEST_BYTES = 2_000_000
+MIN_IMAGES = 8
+
+
+@dataclass
+class Service:
+    url: str
+    client: httpx.Client
+    engine: sa.Engine
+    env: dict[str, str]
+    storage_dir: Path
+    llm: FakeLLMServer
+    logs: Path
+    root: Path
+
+    def count(self, table: str) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.text(f"SELECT count(*) FROM {table}")).scalar_one())
+
+    def blob_count(self) -> int:
+        return sum(1 for p in self.storage_dir.rglob("*") if p.is_file())
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    name = f"lafter_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is needed at {ADMIN_URL} (run .ci/run, which starts it): {exc}")
+    base = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    yield f"{base}/{name}"
+    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def redis_broker() -> Iterator[str]:
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.fail(f"Redis is needed at {REDIS_URL} (run .ci/run, which starts it): {exc}")
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+
+
+@pytest.fixture(scope="session")
+def fake_llm() -> Iterator[FakeLLMServer]:
+    server = FakeLLMServer().start()
+    yield server
+    server.stop()
+
+
+def _local_model(folder: Path) -> None:
+    """A deployment-registered local model: an architecture JSON beside its checkpoint."""
+    import json
+
+    import open_clip
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = json.loads(TINY_CONFIG.read_text())
+    (folder / "tiny-local.json").write_text(json.dumps(config))
+    torch.manual_seed(1)
+    model = open_clip.CLIP(**config)
+    torch.save({"state_dict": model.state_dict()}, folder / "tiny-local.pt")
+
+
+def _tail(path: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@pytest.fixture(scope="session")
+def service(
+    pg_database: str, redis_broker: str, fake_llm: FakeLLMServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    root = tmp_path_factory.mktemp("service")
+    storage = root / "blobs"
+    logs = root / "logs"
+    logs.mkdir()
+    port = free_port()
+    env = {
+        **os.environ,
+        "LAFTER_ENV": "test",
+        "LAFTER_DATA_DIR": str(root),
+        "LAFTER_DATABASE_URL": pg_database,
+        "LAFTER_BROKER_URL": redis_broker,
+        "LAFTER_STORAGE_DIR": str(storage),
+        "LAFTER_ALLOW_RANDOM_WEIGHTS": "true",
+        "LAFTER_MIN_IMAGES_PER_JOB": str(MIN_IMAGES),
+        "LAFTER_MAX_FILE_BYTES": str(MAX_FILE_BYTES),
+        "LAFTER_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+        "LAFTER_DEVICE": "cpu",
+        "LAFTER_API_DEVICE": "cpu",
+        "LAFTER_TORCH_THREADS": "1",
+        "LAFTER_CANCEL_POLL_INTERVAL_S": "0.1",
+        "LAFTER_PROGRESS_WRITE_INTERVAL_S": "0.1",
+        "LAFTER_LLM_BASE_URL": fake_llm.base_url,
+        "LAFTER_LLM_MODEL": "fake-model",
+        "LAFTER_LOCAL_MODEL_DIRS": str(root / "models"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    _local_model(root / "models")
+    # The schema is made the production way: the alembic command line.
+    migrate = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert migrate.returncode == 0, migrate.stderr
+
+    worker_log = logs / "worker.log"
+    api_log = logs / "api.log"
+    worker = subprocess.Popen(
+        [
+            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "gpu",
+            "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
+            "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h",
+        ],
+        cwd=REPO, env=env, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    api = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=REPO, env=env, stdout=api_log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    engine = sa.create_engine(pg_database)
+    try:
+        wait_http(f"{url}/healthz", timeout=60, proc=api)
+        wait_for(
+            lambda: "ready." in worker_log.read_text(errors="replace"), 60, 0.3, "the worker to be ready"
+        )
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield Service(url, client, engine, env, storage, fake_llm, logs, root)
+    except BaseException:
+        print("---- api log ----\n" + _tail(api_log), file=sys.stderr)
+        print("---- worker log ----\n" + _tail(worker_log), file=sys.stderr)
+        raise
+    finally:
+        for proc in (api, worker):
+            proc.terminate()
+        for proc in (api, worker):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        engine.dispose()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """On a failing service test, show the tail of the API and worker logs."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "service" in getattr(item, "fixturenames", ()):
+        svc = item.funcargs.get("service")  # type: ignore[attr-defined]
+        if isinstance(svc, Service):
+            for name in ("api.log", "worker.log"):
+                report.sections.append((name, _tail(svc.logs / name)))

@@ -1,0 +1,123 @@
+"""Small helpers for the service tests: images made on the fly, archives, polling."""
+
+from __future__ import annotations
+
+import io
+import socket
+import tarfile
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[2]
+TINY_CONFIG = REPO / "tests" / "assets" / "tiny-vit.json"
+TINY_SPEC = f"{TINY_CONFIG}::random"
+
+# Stage 2 kept tiny: a few optimiser steps on 32 px images.
+TINY_HP: dict[str, Any] = {
+    "text_steps": 5,
+    "epochs": 1,
+    "batch_size": 4,
+    "max_steps": 2,
+    "prompt_tokens": 4,
+}
+
+
+def png(seed: int, color: tuple[int, int, int] = (200, 30, 30), size: int = 40) -> bytes:
+    """A distinct image (seeded noise over a colour), so no two seeds dedupe."""
+    rng = np.random.default_rng(seed)
+    base = np.array(color, dtype=np.int16)[None, None, :]
+    noise = rng.integers(-40, 40, size=(size, size, 3), dtype=np.int16)
+    arr = np.clip(base + noise, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def jpeg(seed: int, color: tuple[int, int, int] = (30, 30, 200)) -> bytes:
+    img = Image.open(io.BytesIO(png(seed, color)))
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def zip_of(files: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def tar_of(files: dict[str, bytes], mode: str = "w:gz") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tf:  # type: ignore[call-overload]
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition"
+) -> Any:
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def wait_http(url: str, timeout: float = 60.0, proc: Any = None) -> None:
+    def up() -> bool:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout, 0.3, f"{url} to answer")
+
+
+def poll_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120.0) -> dict[str, Any]:
+    def done() -> dict[str, Any] | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in statuses else None
+
+    result: dict[str, Any] = wait_for(done, timeout, 0.25, f"job {job_id} to reach {statuses}")
+    return result
+
+
+def upload(
+    client: httpx.Client, dataset_id: str, files: list[tuple[str, bytes]], **data: str
+) -> httpx.Response:
+    return client.post(
+        f"/v1/datasets/{dataset_id}/images",
+        files=[("files", (name, content)) for name, content in files],
+        data=data,
+    )
+
+
+def two_class_images(n: int, offset: int = 0) -> list[tuple[str, bytes]]:
+    out = []
+    for i in range(n):
+        color = (210, 40, 40) if i % 2 == 0 else (40, 40, 210)
+        out.append((f"img_{offset + i}.png", png(offset + i, color)))
+    return out

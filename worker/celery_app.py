@@ -1,0 +1,36 @@
+"""The Celery application: ``celery -A worker.celery_app worker --pool=solo -Q gpu``.
+
+Configured for long GPU jobs in ``app.core.queue.make_celery``: late acks, rejected (requeued) on
+worker loss, prefetch 1, a broker visibility timeout longer than the longest job, one ``gpu`` queue.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery.signals import worker_process_init
+
+from app.core.queue import make_celery
+from app.core.settings import get_settings
+
+settings = get_settings()
+app = make_celery(settings)
+
+
+@worker_process_init.connect
+def _init_process(**_kwargs: object) -> None:
+    _configure()
+
+
+def _configure() -> None:
+    import torch
+
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    logging.getLogger("lafter").setLevel(settings.log_level)
+    logging.getLogger("worker").setLevel(settings.log_level)
+
+
+_configure()
+
+import worker.tasks  # noqa: E402,F401  (registers the task on ``app``)
