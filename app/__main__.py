@@ -4,6 +4,9 @@ Embedded defaults: SQLite and blobs under ``LAFTER_DATA_DIR`` (./data), kombu's 
 (no server), the schema made by the migrations at start, and a Celery worker started alongside the
 API as a child process. Any ``LAFTER_*`` setting still applies (point it at Postgres and Redis and
 it is the production shape on one machine). ``--no-worker`` starts the API alone.
+
+Auth is off by default here (single-user; the log says so loudly) unless ``LAFTER_AUTH`` is set.
+``python -m app keys create|list|revoke`` manages API keys (see ``app.keys.cli``).
 """
 
 from __future__ import annotations
@@ -41,9 +44,25 @@ def worker_command(queue: str, loglevel: str = "INFO") -> list[str]:
     ]
 
 
+def _single_user_auth_default() -> None:
+    """This command is the embedded single-user mode: auth defaults to off, unless it was set
+    explicitly (environment or .env) or this is production (which refuses auth off)."""
+    settings = get_settings()
+    if "auth" not in settings.model_fields_set and settings.env != "production":
+        os.environ["LAFTER_AUTH"] = "off"  # the API below (same process) and the worker inherit it
+        get_settings.cache_clear()
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        from app.keys.cli import main as keys_main
+
+        return keys_main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m app", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="python -m app",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+        epilog="API keys: python -m app keys {create,list,revoke} --help",
     )
     parser.add_argument("--host", default=None)
     parser.add_argument("--port", type=int, default=None)
@@ -51,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-migrate", action="store_true", help="do not run the migrations at start")
     args = parser.parse_args(argv)
 
+    _single_user_auth_default()
     settings = get_settings()
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings.data_dir.mkdir(parents=True, exist_ok=True)

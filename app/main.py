@@ -7,12 +7,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.base_models.router import router as base_models_router
-from app.core.errors import install_error_handlers
+from app.core.auth import current_owner
+from app.core.errors import install_error_handlers, problem
 from app.core.limits import BodyLimitMiddleware
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
 from app.core.settings import Settings, get_settings
@@ -60,6 +61,29 @@ class MetricsMiddleware:
             HTTP_LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
 
 
+class RejectNulInUrl:
+    """A URL with a NUL character (``%00``) is refused with 400 before any route sees it: no id,
+    cursor or name can hold one, and PostgreSQL refuses it in a query (a 500, found by fuzzing)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query = bytes(scope.get("query_string", b""))
+            if "\x00" in scope["path"] or b"\x00" in query or b"%00" in query:
+                response = problem(
+                    400,
+                    "nul_in_url",
+                    "the URL contains a NUL character (%00), which no id, cursor or name can hold",
+                    title="Bad request",
+                    instance=scope["path"].replace("\x00", "%00"),
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
 
@@ -69,17 +93,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             import torch
 
             torch.set_num_threads(settings.torch_threads)
-        log.warning(
-            "auth: single-user mode, every request acts as owner %r (API keys come with the next release)",
-            settings.default_owner_id,
-        )
+        _log_auth_mode(settings)
         log.info(
             "database %s, broker %s, storage %s",
             settings.database_url.split("@")[-1],
             settings.broker_url.split("@")[-1],
             settings.storage_backend,
         )
-        yield
+        # --- job reaper (app/core/reaper.py): lost workers, lost broker messages, per-owner caps ---
+        from app.core.reaper import start_reaper
+
+        reaper = start_reaper(settings)
+        try:
+            yield
+        finally:
+            reaper.stop()
+        # --- end job reaper ---
 
     app = FastAPI(
         title="LaFTer adaptation service",
@@ -89,11 +118,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
 
+    app.add_middleware(RejectNulInUrl)
     app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(app, scope))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
-    for router in (health_router, datasets_router, jobs_router, models_router, base_models_router):
-        app.include_router(router)
+    app.include_router(health_router)  # /healthz, /readyz, /metrics: public
+    # Every /v1 route authenticates first (before its body is validated), even one that forgets to
+    # ask for the owner itself; the dependency runs once per request.
+    for router in (datasets_router, jobs_router, models_router, base_models_router):
+        app.include_router(router, dependencies=[Depends(current_owner)])
     return app
+
+
+def _log_auth_mode(settings: Settings) -> None:
+    if settings.auth == "off":
+        log.warning(
+            "AUTH IS OFF: every request acts as owner %r and anyone who can reach this port can read, "
+            "change and delete everything. Fine for one person on one machine; otherwise set "
+            "LAFTER_AUTH=on and create keys with 'python -m app keys create --owner NAME'.",
+            settings.default_owner_id,
+        )
+        return
+    log.info("auth on: requests need 'Authorization: Bearer <api key>'")
+    try:
+        from app.core.db import get_sessionmaker
+        from app.keys.service import any_active
+
+        with get_sessionmaker()() as session:
+            if not any_active(session):
+                log.warning(
+                    "auth is on but there are no API keys yet, so every /v1 request gets 401: "
+                    "create one with 'python -m app keys create --owner NAME'"
+                )
+    except Exception as exc:  # a start-up hint only: the database may not be up yet
+        log.info("could not count API keys at start: %s", type(exc).__name__)
 
 
 app = create_app()

@@ -4,9 +4,11 @@ from app.caches.tables import DescriptionCacheEntry, TextEmbeddingCacheEntry
 from app.core.db import Base
 from app.datasets.tables import Dataset, DatasetImage
 from app.jobs.tables import Job, JobEvent
+from app.keys.tables import ApiKey
 from app.models.tables import Model, ModelArtifact
 
 __all__ = [
+    "ApiKey",
     "Base",
     "Dataset",
     "DatasetImage",

@@ -15,11 +15,12 @@ is never modified (LayerNorm affines are functional overrides, see ``prompted.py
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import math
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -59,6 +60,10 @@ class AdaptConfig:
     reference_workers: int = 0
     compile: bool = False
     log_every: int = 10
+    # Strong-view strength. The defaults are the reference's, made for 224 px photos; on small images
+    # (e.g. 32 px) a blur of sigma 2 px and 20% crops destroy much of the evidence: offered as options.
+    strong_crop_scale: tuple[float, float] = (0.2, 1.0)
+    strong_blur_sigma: tuple[float, float] = (0.1, 2.0)
 
     def resolve(self, num_images: int) -> dict[str, Any]:
         if num_images < 2:
@@ -99,6 +104,56 @@ class AdaptResult:
     pseudo_label_histogram: list[int] = field(default_factory=list)
     images_per_s: float = 0.0
     seconds: float = 0.0
+    resumed_from_step: int = 0  # > 0 when the run continued an ``AdaptCheckpoint``
+
+
+@dataclass
+class AdaptCheckpoint:
+    """A stage-2 run after ``step`` optimiser steps, enough to continue it where it stopped: the
+    trainable tensors, the optimiser state, and every random stream the run draws from (the epoch
+    order's generator as it was when the current epoch was drawn, the global CPU and device RNGs).
+    On the same device type, a resumed run ends with exactly the tensors of an uninterrupted one."""
+
+    step: int
+    fingerprint: dict[str, Any]  # what the run was; resuming a different run is refused
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    order_rng: torch.Tensor
+    cpu_rng: torch.Tensor
+    device_rng: torch.Tensor | None
+    histogram: list[int]
+    history: list[dict[str, Any]]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain containers of tensors and numbers (``torch.load(weights_only=True)`` reads them)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdaptCheckpoint:
+        try:
+            return cls(**{f.name: data[f.name] for f in fields(cls)})
+        except (KeyError, TypeError) as exc:
+            raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
+
+    def to_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        torch.save(self.to_dict(), buf)
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AdaptCheckpoint:
+        try:
+            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise InvalidInputError("not a stage-2 checkpoint")
+        return cls.from_dict(loaded)
+
+
+# Called after every optimiser step with (steps done, total steps, snapshot). Calling the hook is
+# cheap; ``snapshot()`` copies the run's state to the CPU, so call it only when a checkpoint is due.
+CheckpointHook = Callable[[int, int, Callable[[], AdaptCheckpoint]], None]
 
 
 class LafterState(nn.Module):
@@ -158,8 +213,14 @@ def adapt(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    checkpoint: CheckpointHook | None = None,
+    resume_from: AdaptCheckpoint | None = None,
 ) -> AdaptResult:
-    """Run LaFTer's stage 2 and return the adapted model (prompts, LayerNorms, head)."""
+    """Run LaFTer's stage 2 and return the adapted model (prompts, LayerNorms, head).
+
+    ``checkpoint`` is called after every step (see ``CheckpointHook``); ``resume_from`` continues a
+    run from such a snapshot, given the same backbone, stage-1 head, images, classes, config and seed
+    (the fast data path only)."""
     config = config or AdaptConfig()
     if text_head.out_features != len(class_names):
         raise InvalidInputError(
@@ -178,6 +239,11 @@ def adapt(
     resolved["seed"] = seed
     total = int(resolved["total_steps"])
     batch = int(resolved["batch_size"])
+    fingerprint = _fingerprint(backbone, class_names, n, seed, resolved)
+    if resume_from is not None:
+        if config.data_path != "fast":
+            raise InvalidInputError("resume_from needs the fast data path")
+        _check_fingerprint(resume_from.fingerprint, fingerprint)
 
     devices = [dev] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):  # seeded, without disturbing the caller's RNG
@@ -227,11 +293,41 @@ def adapt(
         window_hist = torch.zeros_like(histogram)
         ones = torch.ones(batch, dtype=torch.long, device=dev)
         history: list[dict[str, Any]] = []
+        order = _EpochOrder(n, batch, int(resolved["steps_per_epoch"]), gen)
         step = 0
+        if resume_from is not None:
+            state.load_state_dict(resume_from.trainable)
+            opt.load_state_dict(resume_from.optimizer)
+            order.restore(resume_from.order_rng)
+            torch.set_rng_state(resume_from.cpu_rng)
+            if dev.type == "cuda" and resume_from.device_rng is not None:
+                torch.cuda.set_rng_state(resume_from.device_rng, dev)
+            histogram += torch.tensor(resume_from.histogram, dtype=torch.long, device=dev)
+            history = [dict(h) for h in resume_from.history]
+            step = resume_from.step
+            log.info("LaFTer: resuming at step %d of %d", step, total)
+        start_step = step
+
+        def snapshot() -> AdaptCheckpoint:
+            return AdaptCheckpoint(
+                step=step,
+                fingerprint=fingerprint,
+                trainable={k: v.detach().cpu().clone() for k, v in state.state_dict().items()},
+                optimizer=_cpu_copy(opt.state_dict()),
+                order_rng=order.rng_for(step),
+                cpu_rng=torch.get_rng_state(),
+                device_rng=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+                histogram=histogram.tolist(),
+                history=[dict(h) for h in history],
+            )
+
         start = time.perf_counter()
         window_start, window_images, window_steps = start, 0, 0
         loss_sum = torch.zeros((), device=dev)
-        batches = _batches(images, batch, total, resolved["steps_per_epoch"], gen, dev, backbone, config)
+        if isinstance(images, ImageCache):
+            batches = _cached_batches(images, total, order, dev, backbone, start_step, config)
+        else:
+            batches = _reference_batches(images, batch, total, gen, backbone, config)
         for weak, strong in batches:
             check_cancel(should_cancel, STAGE, step)
             loss, pseudo = train_step(weak, strong)
@@ -256,6 +352,8 @@ def adapt(
                 loss_sum.zero_()
                 window_hist.zero_()
                 window_start, window_images, window_steps = now, 0, 0
+            if checkpoint is not None:
+                checkpoint(step, total, snapshot)
         seconds = time.perf_counter() - start
 
     adapted = AdaptedModel(
@@ -273,36 +371,72 @@ def adapt(
         resolved=resolved,
         history=history,
         pseudo_label_histogram=histogram.tolist(),
-        images_per_s=step * batch / max(seconds, 1e-9),
+        images_per_s=(step - start_step) * batch / max(seconds, 1e-9),
         seconds=seconds,
+        resumed_from_step=start_step,
     )
 
 
-def _batches(
-    images: ImageCache | Sequence[Image.Image],
-    batch: int,
+class _EpochOrder:
+    """Each epoch's image order, drawn from ``gen`` when the epoch starts (as a shuffling loader
+    would). It remembers the generator state that drew the current epoch, so a checkpoint taken in
+    the middle of an epoch can replay the rest of it."""
+
+    def __init__(self, n: int, batch: int, steps_per_epoch: int, gen: torch.Generator) -> None:
+        self.n, self.batch, self.steps_per_epoch, self.gen = n, batch, steps_per_epoch, gen
+        self.epoch = -1
+        self.epoch_rng = gen.get_state()
+        self.order = torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch_rng = self.gen.get_state()
+            self.order = torch.randperm(self.n, generator=self.gen)
+            self.epoch = epoch
+        return self.order[i * self.batch : (i + 1) * self.batch]
+
+    def rng_for(self, next_step: int) -> torch.Tensor:
+        """The generator state from which ``indices(next_step)`` draws what this run draws."""
+        if next_step // self.steps_per_epoch == self.epoch:
+            return self.epoch_rng.clone()
+        return self.gen.get_state()  # the next step starts an epoch that is not drawn yet
+
+    def restore(self, rng: torch.Tensor) -> None:
+        self.gen.set_state(rng)
+        self.epoch = -1
+
+
+def _cached_batches(
+    images: ImageCache,
     total: int,
-    steps_per_epoch: int,
-    gen: torch.Generator,
+    order: _EpochOrder,
     dev: torch.device,
     backbone: Backbone,
+    start: int,
     config: AdaptConfig,
-):  # type: ignore[no-untyped-def]
-    """Yield (weak, strong) normalised view batches on ``dev`` for ``total`` steps."""
-    if isinstance(images, ImageCache):
-        views = ViewMaker(backbone.image_size, backbone.mean, backbone.std).to(dev)
-        data = _on_device_if_it_fits(images.data, dev)
-        produced = 0
-        while produced < total:
-            order = torch.randperm(len(images), generator=gen)
-            for i in range(steps_per_epoch):
-                if produced >= total:
-                    return
-                idx = order[i * batch : (i + 1) * batch].to(data.device, non_blocking=True)
-                u8 = data[idx].to(dev, non_blocking=True)
-                yield views(u8)
-                produced += 1
-        return
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(weak, strong) normalised view batches on ``dev`` for steps ``start .. total - 1``."""
+    views = ViewMaker(
+        backbone.image_size, backbone.mean, backbone.std, config.strong_crop_scale, config.strong_blur_sigma
+    ).to(dev)
+    data = _on_device_if_it_fits(images.data, dev)
+    for step in range(start, total):
+        idx = order.indices(step).to(data.device, non_blocking=True)
+        u8 = data[idx].to(dev, non_blocking=True)
+        yield views(u8)
+
+
+def _reference_batches(
+    images: Sequence[Image.Image],
+    batch: int,
+    total: int,
+    gen: torch.Generator,
+    backbone: Backbone,
+    config: AdaptConfig,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The reference regime: per-image PIL views in a shuffling DataLoader, moved to the device."""
+    dev = backbone.device
     dataset = ReferenceDataset(list(images), ReferenceViews(backbone.image_size, backbone.mean, backbone.std))
     produced = 0
     while produced < total:
@@ -319,6 +453,47 @@ def _batches(
                 return
             yield weak.to(dev), strong.to(dev)
             produced += 1
+
+
+def _fingerprint(
+    backbone: Backbone, class_names: Sequence[str], n: int, seed: int, resolved: dict[str, Any]
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed by this run."""
+    keys = (
+        "batch_size",
+        "steps_per_epoch",
+        "total_steps",
+        "prompt_tokens",
+        "learning_rate",
+        "weight_decay",
+        "label_smoothing",
+        "data_path",
+    )
+    return {
+        "base_model": backbone.spec,
+        "class_names": list(class_names),
+        "images": n,
+        "seed": seed,
+        **{k: resolved[k] for k in keys},
+    }
+
+
+def _check_fingerprint(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    differ = sorted(k for k in current.keys() | saved.keys() if saved.get(k) != current.get(k))
+    if differ:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} != {current.get(k)!r}" for k in differ[:5])
+        raise InvalidInputError(f"resume_from was made by a different run ({detail})")
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A deep copy with every tensor cloned to the CPU (an optimiser's state dict holds live tensors)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu_copy(v) for v in value)
+    return value
 
 
 def _on_device_if_it_fits(data: torch.Tensor, dev: torch.device, fraction: float = 0.25) -> torch.Tensor:

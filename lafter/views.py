@@ -134,17 +134,19 @@ class ViewMaker(torch.nn.Module):
         image_size: int,
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
+        crop_scale: tuple[float, float] = (0.2, 1.0),
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
     ) -> None:
         super().__init__()
         self.image_size = image_size
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.strong_aug = K.AugmentationSequential(
-            K.RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0), resample="bilinear"),
+            K.RandomResizedCrop((image_size, image_size), scale=crop_scale, resample="bilinear"),
             K.RandomHorizontalFlip(p=0.5),
             K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
             K.RandomGrayscale(p=0.2),
-            K.RandomGaussianBlur(blur_kernel_size(image_size), sigma=(0.1, 2.0), p=1.0),
+            K.RandomGaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma, p=1.0),
         )
 
     def _to_float(self, u8: torch.Tensor) -> torch.Tensor:

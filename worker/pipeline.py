@@ -1,14 +1,25 @@
 """The job pipeline: describing -> encoding_text -> training_text_classifier -> adapting ->
 evaluating -> registering. Takes a job id, loads what it needs, calls ``lafter``, and writes
-progress, events, the outcome and the model row. Safe to run twice for one id: a finished job is
-left alone, a job found running (redelivered after its worker died) starts over."""
+progress, events, the outcome and the model row.
+
+Safe to run for any message, any number of times: it claims the job with one conditional UPDATE
+(queued -> running, within its owner's cap) and does nothing when it cannot (finished, running
+elsewhere, cancelled, or waiting for a slot). A job re-run after its worker died (the reaper queued
+it again) resumes: descriptions and text embeddings come from the database caches, and stage 2 (with
+the stage-1 head it started from) from the checkpoint written every ``LAFTER_CHECKPOINT_EVERY_S``.
+Every write is fenced by the attempt number, so a worker that lost its job cannot touch it."""
 
 from __future__ import annotations
 
+import gc
+import hashlib
+import io
+import json
 import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +32,7 @@ from app.caches.store import DbDescriptionCache, DbEmbeddingCache
 from app.core.backbones import load_base
 from app.core.db import utcnow
 from app.core.ids import new_id
+from app.core.reaper import dispatch
 from app.core.settings import Settings
 from app.core.storage import BlobStorage
 from app.datasets import repository as datasets
@@ -32,15 +44,15 @@ from lafter import evaluate
 from lafter.artifact import AdaptedModel
 from lafter.backbone import Backbone
 from lafter.descriptions import DescriptionConfig, class_text, generate_descriptions
-from lafter.errors import Cancelled, LafterError
-from lafter.finetune import AdaptConfig, adapt
+from lafter.errors import Cancelled, InvalidInputError, LafterError
+from lafter.finetune import AdaptCheckpoint, AdaptConfig, AdaptResult, adapt
 from lafter.llm import LLMClient, LLMConfig
 from lafter.predict import AdaptedClassifier, ZeroShotClassifier
 from lafter.progress import ProgressEvent
 from lafter.text_cache import embed_sentences
-from lafter.text_classifier import TextClassifierConfig, train_text_classifier
+from lafter.text_classifier import TextClassifierConfig, TextClassifierResult, train_text_classifier
 from lafter.views import ImageCache
-from worker.reporter import Heartbeat, JobReporter
+from worker.reporter import LIVE, JobReporter, JobWatch
 
 log = logging.getLogger(__name__)
 
@@ -78,28 +90,28 @@ class Outcome:
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
 
-def _claim(sessions: sessionmaker[Session], job_id: str) -> Job | None:
-    """Move the job to running, or return None when it must not run (gone, finished, cancelled)."""
+def _claim(sessions: sessionmaker[Session], settings: Settings, job_id: str) -> Job | None:
+    """Move the job from queued to running and return it (its ``attempts`` is this run's fence), or
+    None when this message must not run it."""
     with sessions() as session:
         job = session.get(Job, job_id)
         if job is None:
             log.warning("job %s does not exist; dropping the message", job_id)
             return None
-        if job.status in TERMINAL:
-            log.info("job %s is already %s; nothing to do", job_id, job.status)
+        if job.status != "queued":
+            # Finished, cancelled, or running under another worker (a redelivered or duplicate
+            # message): the row says what to do, and that is nothing.
+            log.info("job %s is %s; nothing to do for this message", job_id, job.status)
             return None
-        if job.status == "cancelling":
-            _finish(session, job, "cancelled", message="cancelled before it started")
-            session.commit()
-            return None
-        redelivered = job.status == "running"
         now = utcnow()
+        stmt = update(Job).where(Job.id == job_id, Job.status == "queued")
+        cap = settings.max_active_jobs_per_owner
+        if cap:
+            stmt = stmt.where(jobs.holds_slot(job.owner_id, job.created_at, job.id, cap))
         claimed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status.in_(("queued", "running")))
-            .values(
+            stmt.values(
                 status="running",
-                started_at=now,
+                started_at=job.started_at or now,
                 heartbeat_at=now,
                 attempts=Job.attempts + 1,
                 worker_id=f"{socket.gethostname()}:{os.getpid()}",
@@ -108,19 +120,17 @@ def _claim(sessions: sessionmaker[Session], job_id: str) -> Job | None:
                 stage_percent=0.0,
                 step=0,
                 total_steps=0,
-            )
+            ).execution_options(synchronize_session=False)
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             session.rollback()
-            return None
-        if redelivered:
-            jobs.add_event(
-                session,
+            log.info(
+                "job %s was not claimed (taken by another message, or its owner has no free slot: "
+                "LAFTER_MAX_ACTIVE_JOBS_PER_OWNER=%d); it is sent again when it can run",
                 job_id,
-                "log",
-                level="warning",
-                message="redelivered after a worker was lost; starting over",
+                cap,
             )
+            return None
         session.commit()
         session.refresh(job)
         session.expunge(job)
@@ -135,6 +145,7 @@ def _finish(
     code: str | None = None,
     message: str | None = None,
     level: str = "info",
+    data: dict[str, Any] | None = None,
 ) -> None:
     job.status = status
     job.finished_at = utcnow()
@@ -143,68 +154,114 @@ def _finish(
     if code is not None:
         job.error_code = code
         job.error_message = message
-    jobs.add_event(session, job.id, "log", stage=job.stage, level=level, message=message or status)
+    jobs.add_event(session, job.id, "log", stage=job.stage, level=level, message=message or status, data=data)
 
 
-def _set_final(sessions: sessionmaker[Session], job_id: str, status: str, **kwargs: Any) -> None:
+def _set_final(
+    sessions: sessionmaker[Session],
+    job_id: str,
+    attempt: int,
+    status: str,
+    *,
+    completed_steps: int | None = None,
+    data: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> bool:
     with sessions() as session:
         job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
-        if job is None or job.status in TERMINAL:
-            return
-        _finish(session, job, status, **kwargs)
+        # Only this attempt's live job: not a finished one, nor one the reaper queued again.
+        if job is None or job.status not in LIVE or job.attempts != attempt:
+            return False
+        if completed_steps is not None:
+            job.step = completed_steps
+            job.metrics = {**(job.metrics or {}), "completed_steps": completed_steps}
+        _finish(session, job, status, data=data, **kwargs)
         session.commit()
+    return True
 
 
 def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session], storage: BlobStorage) -> str:
     """Run one job to a final status and return it. Never raises for a job's own failure."""
-    job = _claim(sessions, job_id)
+    job = _claim(sessions, settings, job_id)
     if job is None:
         return "skipped"
+    attempt = job.attempts
     reporter = JobReporter(
-        job_id,
-        sessions,
-        write_interval_s=settings.progress_write_interval_s,
-        cancel_poll_s=settings.cancel_poll_interval_s,
+        job_id, sessions, attempt=attempt, write_interval_s=settings.progress_write_interval_s
     )
+    watch = JobWatch(job_id, attempt, sessions, settings)
+    outcome = "skipped"
+    final: dict[str, Any] | None = None  # how the job ended, when it did not succeed
     try:
-        with Heartbeat(job_id, sessions, settings.heartbeat_interval_s):
-            outcome = _execute(job, settings, sessions, storage, reporter)
-            return _register(job, outcome, sessions, reporter)
+        with watch:
+            outcome = _register(
+                job, _execute(job, settings, sessions, storage, reporter, watch), sessions, reporter
+            )
     except Cancelled as exc:
-        _set_final(sessions, job_id, "cancelled", message=f"cancelled during {exc.stage or reporter.stage}")
-        return "cancelled"
+        final = {"status": "cancelled", "completed_steps": exc.step}
+        final["message"] = f"cancelled during {exc.stage or reporter.stage} after {exc.step} steps"
     except StageError as exc:
-        _set_final(sessions, job_id, "failed", code=exc.code, message=exc.message, level="error")
-        return "failed"
+        final = {"status": "failed", "code": exc.code, "message": exc.message, "level": "error"}
     except LafterError as exc:
-        _set_final(
-            sessions, job_id, "failed", code=exc.code, message=f"{reporter.stage}: {exc}", level="error"
-        )
-        return "failed"
+        final = {
+            "status": "failed",
+            "code": exc.code,
+            "message": f"{reporter.stage}: {exc}",
+            "level": "error",
+        }
     except SoftTimeLimitExceeded:
-        _set_final(
-            sessions,
-            job_id,
-            "failed",
-            code="time_limit_exceeded",
-            message=f"the job ran past LAFTER_JOB_TIME_LIMIT_S={settings.job_time_limit_s}s "
-            f"in {reporter.stage}; "
-            "lower epochs or max_steps",
-            level="error",
-        )
-        return "failed"
+        final = {
+            "status": "failed",
+            "code": "time_limit_exceeded",
+            "message": f"the job ran past LAFTER_JOB_TIME_LIMIT_S={settings.job_time_limit_s}s "
+            f"in {reporter.stage}; lower epochs or max_steps",
+            "level": "error",
+        }
     except Exception as exc:
         log.exception("job %s failed unexpectedly in %s", job_id, reporter.stage)
-        _set_final(
-            sessions,
-            job_id,
-            "failed",
-            code="internal_error",
-            message=f"unexpected error in stage {reporter.stage}: {type(exc).__name__}: {str(exc)[:300]}; "
+        final = {
+            "status": "failed",
+            "code": "internal_error",
+            "message": f"unexpected error in stage {reporter.stage}: {type(exc).__name__}: {str(exc)[:300]}; "
             "the worker log has the details",
-            level="error",
+            "level": "error",
+        }
+    # The exception (and its traceback, which held the frames that held the images, the model
+    # state and the optimiser) is gone once its ``except`` block ends: free that memory now, before
+    # this worker takes its next job.
+    memory = release_memory()
+    if final is not None:
+        if watch.lost.is_set():
+            log.warning("job %s: attempt %d lost the job to the reaper; leaving it alone", job_id, attempt)
+            return "lost"
+        status = final.pop("status")
+        outcome = (
+            status
+            if _set_final(sessions, job_id, attempt, status, data=memory or None, **final)
+            else "skipped"
         )
-        return "failed"
+    if outcome in TERMINAL:
+        _delete_checkpoint(storage, job_id)
+    # Its slot is free: the owner's next waiting job goes to the workers.
+    try:
+        dispatch(sessions, settings, job.owner_id)
+    except Exception:  # the reaper's next pass does it
+        log.warning("could not dispatch the next job of owner %s", job.owner_id, exc_info=True)
+    return outcome
+
+
+def release_memory() -> dict[str, int]:
+    """Collect garbage (whatever a reference cycle still holds) and give the CUDA caching
+    allocator's free blocks back to the driver, so the next job, or another process on this GPU,
+    gets the memory. Returns the CUDA memory still allocated and reserved, when CUDA is in use."""
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        return {
+            "cuda_allocated_bytes": int(torch.cuda.memory_allocated()),
+            "cuda_reserved_bytes": int(torch.cuda.memory_reserved()),
+        }
+    return {}
 
 
 def _llm(settings: Settings) -> LLMClient | None:
@@ -225,14 +282,32 @@ def _warning(code: str, message: str, **data: Any) -> dict[str, Any]:
 
 
 def _execute(
-    job: Job, settings: Settings, sessions: sessionmaker[Session], storage: BlobStorage, reporter: JobReporter
+    job: Job,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    storage: BlobStorage,
+    reporter: JobReporter,
+    watch: JobWatch,
 ) -> Outcome:
-    cancel = reporter.should_cancel
+    cancel = watch.should_stop
     names = list(job.class_names)
     hp = dict(job.hyperparameters)
     warnings: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
+    saved: Saved | None = None
+    if job.attempts > 1:  # a re-run after a lost worker: continue from what the last attempt saved
+        saved = load_checkpoint(storage, job, _inputs_digest(job, _image_keys(sessions, job)[0]))
+        reporter.log(
+            f"attempt {job.attempts}: "
+            + (
+                f"resuming from the checkpoint at stage-2 step {saved.adapt.step}"
+                if saved
+                else "no usable checkpoint, starting over"
+            ),
+            level="warning",
+            data={"attempt": job.attempts, "resume_step": saved.adapt.step if saved else 0},
+        )
 
     # --- describing ------------------------------------------------------------------------
     reporter.start_stage("describing", f"loading base model {job.base_model}")
@@ -286,25 +361,30 @@ def _execute(
     metrics["descriptions"] = {"source_used": desc.source_used, "sentences": len(desc.sentences)}
 
     # --- training_text_classifier ----------------------------------------------------------
-    reporter.start_stage("training_text_classifier")
     t = time.perf_counter()
-    text = train_text_classifier(
-        embeddings,
-        desc.labels,
-        len(names),
-        TextClassifierConfig(
-            steps=hp.get("text_steps", "auto"),
-            learning_rate=float(hp.get("text_learning_rate", 5e-4)),
-            weight_decay=float(hp.get("text_weight_decay", 0.01)),
-            noise_std=float(hp.get("noise_std", 0.1)),
-            label_smoothing=float(hp.get("label_smoothing", 0.1)),
-            init=hp.get("text_init", "default"),
-        ),
-        seed=job.seed,
-        device=backbone.device,
-        progress=reporter,
-        should_cancel=cancel,
-    )
+    if saved is not None:
+        # Stage 2's teacher is this head: it must be the very head the checkpointed run started from.
+        reporter.start_stage("training_text_classifier", "restored the text classifier from the checkpoint")
+        text = saved.text
+    else:
+        reporter.start_stage("training_text_classifier")
+        text = train_text_classifier(
+            embeddings,
+            desc.labels,
+            len(names),
+            TextClassifierConfig(
+                steps=hp.get("text_steps", "auto"),
+                learning_rate=float(hp.get("text_learning_rate", 5e-4)),
+                weight_decay=float(hp.get("text_weight_decay", 0.01)),
+                noise_std=float(hp.get("noise_std", 0.1)),
+                label_smoothing=float(hp.get("label_smoothing", 0.1)),
+                init=hp.get("text_init", "default"),
+            ),
+            seed=job.seed,
+            device=backbone.device,
+            progress=reporter,
+            should_cancel=cancel,
+        )
     timings["training_text_classifier"] = time.perf_counter() - t
     metrics["text_classifier"] = {
         "steps": text.steps,
@@ -314,11 +394,7 @@ def _execute(
 
     # --- adapting --------------------------------------------------------------------------
     reporter.start_stage("adapting", "decoding the dataset's images")
-    with sessions() as session:
-        train_rows = datasets.train_images(session, job.dataset_id) if job.dataset_id else []
-        eval_rows = datasets.eval_images(session, job.dataset_id) if job.dataset_id else []
-        train_keys = [r.storage_key for r in train_rows]
-        eval_items = [(r.storage_key, r.label or "") for r in eval_rows]
+    train_keys, eval_items = _image_keys(sessions, job)
     if len(train_keys) < 2:
         raise StageError(
             "dataset_too_small",
@@ -327,24 +403,39 @@ def _execute(
         )
     images = _load_images(storage, train_keys, backbone.image_size)
     t = time.perf_counter()
-    result = adapt(
-        backbone,
-        text.head,
-        images,
-        names,
-        AdaptConfig(
-            epochs=hp.get("epochs", "auto"),
-            batch_size=hp.get("batch_size", "auto"),
-            learning_rate=float(hp.get("learning_rate", 5e-4)),
-            weight_decay=float(hp.get("weight_decay", 0.01)),
-            prompt_tokens=int(hp.get("prompt_tokens", 50)),
-            label_smoothing=float(hp.get("label_smoothing", 0.1)),
-            max_steps=hp.get("max_steps"),
-        ),
-        seed=job.seed,
-        progress=reporter,
-        should_cancel=cancel,
+    adapt_config = AdaptConfig(
+        epochs=hp.get("epochs", "auto"),
+        batch_size=hp.get("batch_size", "auto"),
+        learning_rate=float(hp.get("learning_rate", 5e-4)),
+        weight_decay=float(hp.get("weight_decay", 0.01)),
+        prompt_tokens=int(hp.get("prompt_tokens", 50)),
+        label_smoothing=float(hp.get("label_smoothing", 0.1)),
+        max_steps=hp.get("max_steps"),
     )
+    writer = CheckpointWriter(storage, settings, reporter, job.id, _inputs_digest(job, train_keys), text)
+
+    def run_stage2(resume: AdaptCheckpoint | None) -> AdaptResult:
+        return adapt(
+            backbone,
+            text.head,
+            images,
+            names,
+            adapt_config,
+            seed=job.seed,
+            progress=reporter,
+            should_cancel=cancel,
+            checkpoint=writer,
+            resume_from=resume,
+        )
+
+    try:
+        result = run_stage2(saved.adapt if saved else None)
+    except InvalidInputError as exc:
+        if saved is None:
+            raise
+        # Refused before any step (the run differs from the checkpointed one): start stage 2 over.
+        reporter.log(f"the checkpoint does not fit this run ({exc}); stage 2 starts over", level="warning")
+        result = run_stage2(None)
     timings["adapting"] = time.perf_counter() - t
     resolved = {
         **hp,
@@ -364,6 +455,7 @@ def _execute(
         "images_per_s": round(result.images_per_s, 2),
         "pseudo_label_histogram": dict(zip(names, result.pseudo_label_histogram, strict=True)),
         "final_loss": result.history[-1]["loss"] if result.history else None,
+        "resumed_from_step": result.resumed_from_step,
     }
 
     # --- evaluating ------------------------------------------------------------------------
@@ -468,8 +560,8 @@ def _register(job: Job, outcome: Outcome, sessions: sessionmaker[Session], repor
     checksum = outcome.served.checksum
     with sessions() as session:
         row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
-        if row is None:
-            return "skipped"
+        if row is None or row.attempts != job.attempts:
+            return "skipped"  # the job was given to another attempt while this one worked
         if row.status != "running":
             # Asked to cancel (or finished elsewhere) while we worked: honour it, register nothing.
             if row.status == "cancelling":
@@ -505,3 +597,128 @@ def _register(job: Job, outcome: Outcome, sessions: sessionmaker[Session], repor
         _finish(session, row, "succeeded", message=f"registered model {model.id} ({outcome.served.kind})")
         session.commit()
     return "succeeded"
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _image_keys(sessions: sessionmaker[Session], job: Job) -> tuple[list[str], list[tuple[str, str]]]:
+    """The storage keys of the training images, and (key, label) of the evaluation split."""
+    with sessions() as session:
+        train_rows = datasets.train_images(session, job.dataset_id) if job.dataset_id else []
+        eval_rows = datasets.eval_images(session, job.dataset_id) if job.dataset_id else []
+        return [r.storage_key for r in train_rows], [(r.storage_key, r.label or "") for r in eval_rows]
+
+
+def _inputs_digest(job: Job, train_keys: list[str]) -> str:
+    """What a checkpoint was made from: a run on other images or settings must not resume it."""
+    fields = {
+        "base_model": job.base_model,
+        "class_names": list(job.class_names),
+        "descriptions": job.descriptions,
+        "hyperparameters": job.hyperparameters,
+        "seed": job.seed,
+        "images": train_keys,  # content-addressed keys
+    }
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@dataclass
+class Saved:
+    """What an earlier attempt left: the stage-1 head stage 2 started from, and stage 2's state."""
+
+    text: TextClassifierResult
+    adapt: AdaptCheckpoint
+
+
+CHECKPOINT_FORMAT = 1
+
+
+class CheckpointWriter:
+    """The ``adapt`` checkpoint hook: after every step it moves the row's progress, and every
+    ``LAFTER_CHECKPOINT_EVERY_S`` seconds or ``LAFTER_CHECKPOINT_EVERY_STEPS`` steps (and at the last
+    step, so a crash while evaluating does not redo stage 2) it stores the run's state under the
+    job in blob storage."""
+
+    def __init__(
+        self,
+        storage: BlobStorage,
+        settings: Settings,
+        reporter: JobReporter,
+        job_id: str,
+        inputs: str,
+        text: TextClassifierResult,
+    ) -> None:
+        self.storage = storage
+        self.reporter = reporter
+        self.key = jobs.checkpoint_key(job_id)
+        self.every_s = settings.checkpoint_every_s
+        self.every_steps = settings.checkpoint_every_steps
+        self.header = {
+            "format": CHECKPOINT_FORMAT,
+            "inputs": inputs,
+            "text": {
+                "head": text.head.weight.detach().cpu().clone(),
+                "steps": text.steps,
+                "final_loss": text.final_loss,
+                "train_accuracy": text.train_accuracy,
+            },
+        }
+        self.last = time.monotonic()
+
+    def __call__(self, step: int, total: int, snapshot: Callable[[], AdaptCheckpoint]) -> None:
+        self.reporter.step(step, total)
+        if not (self.every_s or self.every_steps):
+            return
+        now = time.monotonic()
+        due = (
+            step >= total
+            or (self.every_steps and step % self.every_steps == 0)
+            or (self.every_s and now - self.last >= self.every_s)
+        )
+        if not due:
+            return
+        buf = io.BytesIO()
+        torch.save({**self.header, "adapt": snapshot().to_dict()}, buf)
+        try:
+            self.storage.put(self.key, buf.getvalue())
+        except Exception:  # training goes on; a re-run would start from an older checkpoint
+            log.warning("could not store the checkpoint of job %s", self.reporter.job_id, exc_info=True)
+            return
+        self.last = now
+        self.reporter.log(f"checkpoint at step {step} of {total}", data={"checkpoint_step": step})
+
+
+def load_checkpoint(storage: BlobStorage, job: Job, inputs: str) -> Saved | None:
+    """The job's checkpoint if there is one and it was made from these inputs, else None."""
+    key = jobs.checkpoint_key(job.id)
+    try:
+        if not storage.exists(key):
+            return None
+        data = torch.load(io.BytesIO(storage.get(key)), map_location="cpu", weights_only=True)
+        if data.get("format") != CHECKPOINT_FORMAT or data.get("inputs") != inputs:
+            log.warning("job %s: the checkpoint is for other inputs; starting over", job.id)
+            return None
+        weight = data["text"]["head"]
+        head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).requires_grad_(False)
+        with torch.no_grad():
+            head.weight.copy_(weight)
+        text = TextClassifierResult(
+            head=head,
+            steps=int(data["text"]["steps"]),
+            final_loss=float(data["text"]["final_loss"]),
+            train_accuracy=float(data["text"]["train_accuracy"]),
+            seconds=0.0,
+            resolved={"restored_from_checkpoint": True},
+        )
+        return Saved(text=text, adapt=AdaptCheckpoint.from_dict(data["adapt"]))
+    except Exception:  # an unreadable checkpoint costs the time it saved, nothing else
+        log.warning("job %s: could not read its checkpoint; starting over", job.id, exc_info=True)
+        return None
+
+
+def _delete_checkpoint(storage: BlobStorage, job_id: str) -> None:
+    try:
+        storage.delete(jobs.checkpoint_key(job_id))
+    except Exception:
+        log.warning("could not delete the checkpoint of job %s", job_id, exc_info=True)

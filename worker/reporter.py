@@ -1,7 +1,8 @@
-"""Writes a running job's progress, events and heartbeat to the database, and answers the
-cancellation check. Progress writes are throttled; stage changes and the last step of a stage are
-always written. Status is never written here except through guarded transitions, so a cancel
-request from the API is never overwritten."""
+"""Writes a running job's progress, events and heartbeat to the database, and tells the pipeline
+when to stop. Progress writes are throttled; stage changes and the last step of a stage are always
+written. Status is never written here, so a cancel request from the API is never overwritten, and
+every write is fenced by the attempt number: a worker whose job was given to another attempt (the
+reaper took it for lost) can no longer change it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.db import utcnow
+from app.core.queue import CancelSignals
+from app.core.settings import Settings
 from app.jobs import repository
 from app.jobs.tables import STAGES, Job
 from lafter.progress import ProgressEvent
@@ -42,18 +45,16 @@ class JobReporter:
         job_id: str,
         sessions: sessionmaker[Session],
         *,
+        attempt: int,
         write_interval_s: float = 0.5,
-        cancel_poll_s: float = 1.0,
     ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self.sessions = sessions
         self.write_interval_s = write_interval_s
-        self.cancel_poll_s = cancel_poll_s
         self.stage: str = STAGES[0]
         self.started = time.monotonic()
         self._last_write = 0.0
-        self._last_cancel_poll = 0.0
-        self._cancelled = False
 
     # --- events --------------------------------------------------------------------------------
     def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
@@ -91,7 +92,7 @@ class JobReporter:
         with self.sessions() as session:
             session.execute(
                 update(Job)
-                .where(Job.id == self.job_id)
+                .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.status.in_(LIVE))
                 .values(
                     stage=stage,
                     step=step,
@@ -114,52 +115,104 @@ class JobReporter:
         if event.message:
             self.log(event.message)
 
-    # --- cancellation --------------------------------------------------------------------------
-    def should_cancel(self) -> bool:
-        if self._cancelled:
-            return True
-        now = time.monotonic()
-        if now - self._last_cancel_poll < self.cancel_poll_s:
-            return False
-        self._last_cancel_poll = now
-        with self.sessions() as session:
-            status = session.scalar(select(Job.status).where(Job.id == self.job_id))
-        self._cancelled = status in ("cancelling", "cancelled")
-        return self._cancelled
+    def step(self, step: int, total: int) -> None:
+        """A training step finished: the row's ``step`` follows it (throttled), between the library's
+        less frequent progress events."""
+        self._write_progress(self.stage, step, total, force=step >= total)
 
 
-class Heartbeat:
-    """Touches ``jobs.heartbeat_at`` every ``interval_s`` from a thread while a job runs, also
-    through long steps that report no progress (LLM calls, decoding, a slow first batch), so a
-    reaper can tell a live job from one whose worker died."""
+# A job this worker still owns is in one of these statuses.
+LIVE = ("running", "cancelling")
 
-    def __init__(self, job_id: str, sessions: sessionmaker[Session], interval_s: float) -> None:
+
+class JobWatch:
+    """Watches a running job from a thread, so the training loop's check is a flag read:
+
+    - writes ``heartbeat_at`` every ``LAFTER_HEARTBEAT_INTERVAL_S``, also through long steps that
+      report no progress (LLM calls, decoding, a slow first batch), so the reaper can tell a live
+      job from one whose worker died;
+    - ``cancel_requested``: a cancel signal arrived (Redis pub/sub, at once), or the status read every
+      ``LAFTER_CANCEL_POLL_INTERVAL_S`` says ``cancelling`` (any broker);
+    - ``lost``: the job is no longer this attempt's (the reaper re-queued or failed it while this
+      worker was unresponsive): stop, and write nothing more.
+    """
+
+    def __init__(
+        self, job_id: str, attempt: int, sessions: sessionmaker[Session], settings: Settings
+    ) -> None:
         self.job_id = job_id
+        self.attempt = attempt
         self.sessions = sessions
-        self.interval_s = interval_s
+        self.beat_s = settings.heartbeat_interval_s
+        self.poll_s = settings.cancel_poll_interval_s
+        self.redis_url = settings.broker_url
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"watch-{job_id}", daemon=True)
 
-    def __enter__(self) -> Heartbeat:
+    def should_stop(self) -> bool:
+        """The ``lafter`` cancel check: cheap enough for every step."""
+        return self.cancel_requested.is_set() or self.lost.is_set()
+
+    def __enter__(self) -> JobWatch:
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(timeout=self.interval_s + 5)
+        self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                with self.sessions() as session:
-                    session.execute(
-                        update(Job)
-                        .where(Job.id == self.job_id, Job.status.in_(("running", "cancelling")))
-                        .values(heartbeat_at=utcnow())
-                    )
-                    session.commit()
-            except Exception:  # a missed beat is not worth killing the job for
-                log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+        signals = CancelSignals(self.job_id, self.redis_url)
+        try:
+            next_poll = next_beat = time.monotonic()
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._beat()
+                    next_beat = now + self.beat_s
+                if now >= next_poll:
+                    self._poll()
+                    next_poll = now + self.poll_s
+                if signals.wait(min(next_poll, next_beat) - time.monotonic(), self._stop):
+                    log.info("job %s: cancel signal received", self.job_id)
+                    self.cancel_requested.set()
+        finally:
+            signals.close()
+
+    def _beat(self) -> None:
+        try:
+            with self.sessions() as session:
+                done = session.execute(
+                    update(Job)
+                    .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.status.in_(LIVE))
+                    .values(heartbeat_at=utcnow())
+                )
+                session.commit()
+            if done.rowcount == 0:  # type: ignore[attr-defined]
+                self._lose()
+        except Exception:  # a missed beat is not worth killing the job for
+            log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
+
+    def _poll(self) -> None:
+        try:
+            with self.sessions() as session:
+                row = session.execute(
+                    select(Job.status, Job.attempts).where(Job.id == self.job_id)
+                ).one_or_none()
+        except Exception:
+            log.warning("status read for job %s failed", self.job_id, exc_info=True)
+            return
+        if row is None or row.attempts != self.attempt or row.status not in LIVE:
+            self._lose()
+        elif row.status == "cancelling":
+            self.cancel_requested.set()
+
+    def _lose(self) -> None:
+        if not self.lost.is_set():
+            log.warning("job %s is no longer attempt %d's; stopping", self.job_id, self.attempt)
+            self.lost.set()
 
 
 def _jsonable(value: Any) -> bool:

@@ -3,7 +3,7 @@ from __future__ import annotations
 import logging
 
 from app.core.db import get_sessionmaker
-from app.core.queue import RUN_JOB_TASK
+from app.core.queue import RUN_JOB_TASK, message_taken
 from app.core.settings import get_settings
 from app.core.storage import get_storage
 from worker.celery_app import app
@@ -14,7 +14,9 @@ log = logging.getLogger(__name__)
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
 def run_job(job_id: str) -> str:
-    """Takes a job id, never an object: the row is read fresh, so a redelivery does no harm."""
+    """Takes a job id, never an object: the row is read fresh and claimed with a conditional UPDATE,
+    so a redelivered or duplicate message does no harm."""
+    message_taken(job_id)  # from now on the reaper knows this message is out of the broker
     outcome = run_pipeline(job_id, get_settings(), get_sessionmaker(), get_storage())
     log.info("job %s: %s", job_id, outcome)
     return outcome

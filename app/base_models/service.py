@@ -31,6 +31,14 @@ def validate_spec(spec: str, settings: Settings, *, field: str = "base_model") -
         parsed = parse_spec(spec)
     except LafterError as exc:
         raise Invalid(str(exc), code="base_model_invalid", field=field) from exc
+    except (OSError, ValueError) as exc:
+        # A path the file system refuses to look at (name too long, ...): found by fuzzing.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise Invalid(
+            f"base model {spec[:200]!r} names a file that cannot be checked: {reason}",
+            code="base_model_invalid",
+            field=field,
+        ) from exc
     if parsed.is_random and not settings.allow_random_weights:
         raise Invalid(
             f"{spec!r} has random weights; set LAFTER_ALLOW_RANDOM_WEIGHTS=true to allow them (tests only)",

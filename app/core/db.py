@@ -5,16 +5,20 @@ The request (or the task) owns the transaction: services add and flush, the rout
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, ClassVar
 
 from sqlalchemy import JSON, DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from app.core.settings import get_settings
+
+log = logging.getLogger(__name__)
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -55,7 +59,11 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, connect_timeout_s: int = 5, pool_timeout_s: float = 10.0) -> Engine:
+    """One engine per process. Postgres: connections are pinged before use (a pool that outlived a
+    database restart reconnects instead of failing the request), a connection attempt gives up after
+    ``connect_timeout_s``, and waiting for a pooled connection after ``pool_timeout_s``; the API
+    answers either with 503 ``database_unavailable`` (see ``app.core.errors``)."""
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
@@ -69,12 +77,27 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=10)
+    connect_args: dict[str, Any] = {}
+    if url.startswith("postgresql"):
+        connect_args["connect_timeout"] = connect_timeout_s
+    return create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=10,
+        max_overflow=10,
+        pool_timeout=pool_timeout_s,
+        connect_args=connect_args,
+    )
 
 
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
-    return make_engine(get_settings().database_url)
+    settings = get_settings()
+    return make_engine(
+        settings.database_url,
+        connect_timeout_s=settings.db_connect_timeout_s,
+        pool_timeout_s=settings.db_pool_timeout_s,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -88,4 +111,12 @@ def get_session() -> Iterator[Session]:
     try:
         yield session
     finally:
-        session.close()
+        try:
+            session.close()
+        except DBAPIError as exc:
+            # The database went away with this request's transaction open (this runs after the
+            # response went out): nothing is left to roll back and the pool has dropped the
+            # connection. Raising here would only break the client's keep-alive connection.
+            if not exc.connection_invalidated:
+                raise
+            log.warning("database connection lost while closing a session: %s", exc.orig)

@@ -1,7 +1,8 @@
 """Errors as values with a stable code, mapped once to RFC 7807 problem JSON.
 
 Services raise ``ApiError`` subclasses (or return them in reports); ``install_error_handlers``
-turns them, FastAPI's validation errors and ``lafter`` errors into ``application/problem+json``.
+turns them, FastAPI's validation errors and ``lafter`` errors into ``application/problem+json``,
+and a database that cannot be reached into 503 ``database_unavailable`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lafter.errors import LafterError
@@ -19,6 +21,7 @@ from lafter.errors import LafterError
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+DB_RETRY_AFTER_S = 5
 
 
 class ApiError(Exception):
@@ -34,6 +37,7 @@ class ApiError(Exception):
         status: int | None = None,
         field: str | None = None,
         extra: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         if code is not None:
@@ -42,10 +46,25 @@ class ApiError(Exception):
             self.status = status
         self.field = field
         self.extra = extra or {}
+        self.headers = headers or {}
 
     @property
     def message(self) -> str:
         return str(self)
+
+
+class Unauthorized(ApiError):
+    """No usable API key. Always carries ``WWW-Authenticate: Bearer`` (RFC 6750)."""
+
+    status = 401
+    code = "auth_invalid"
+    title = "Unauthorized"
+
+    def __init__(self, message: str, *, code: str = "auth_invalid") -> None:
+        challenge = 'Bearer realm="lafter"'
+        if code == "auth_invalid":
+            challenge += ', error="invalid_token"'
+        super().__init__(message, code=code, headers={"WWW-Authenticate": challenge})
 
 
 class NotFound(ApiError):
@@ -90,6 +109,7 @@ def problem(
     errors: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
     instance: str | None = None,
+    headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     body: dict[str, Any] = {
         "type": f"https://lafter.dev/problems/{code}",
@@ -106,7 +126,19 @@ def problem(
         body["errors"] = errors
     if extra:
         body.update(extra)
-    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def is_database_unavailable(exc: BaseException) -> bool:
+    """A failure to reach the database (refused, dropped, timed out, pool exhausted), as opposed to
+    a statement the database rejected (a bug, or a constraint doing its job)."""
+    if isinstance(exc, sa_exc.TimeoutError):  # no pooled connection came free in time
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        return bool(exc.connection_invalidated) or isinstance(
+            exc, (sa_exc.OperationalError, sa_exc.InterfaceError)
+        )
+    return False
 
 
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -125,7 +157,37 @@ def install_error_handlers(app: FastAPI) -> None:
             field=exc.field,
             extra=exc.extra,
             instance=request.url.path,
+            headers=exc.headers or None,
         )
+
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return problem(500, "internal_error", "internal error; see the server log", instance=request.url.path)
+
+    app.add_exception_handler(Exception, _unexpected)
+
+    async def _database(request: Request, exc: Exception) -> JSONResponse:
+        if not is_database_unavailable(exc):
+            return await _unexpected(request, exc)
+        # Expected while the database is down or restarting; the pool reconnects by itself.
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        log.warning(
+            "database unavailable on %s %s: %s",
+            request.method,
+            request.url.path,
+            reason[0] if reason else exc,
+        )
+        return problem(
+            503,
+            "database_unavailable",
+            f"the database cannot be reached right now; retry in {DB_RETRY_AFTER_S} s",
+            title="Service unavailable",
+            instance=request.url.path,
+            headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+        )
+
+    app.add_exception_handler(sa_exc.DBAPIError, _database)
+    app.add_exception_handler(sa_exc.TimeoutError, _database)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -160,8 +222,3 @@ def install_error_handlers(app: FastAPI) -> None:
             # Starlette's multipart limit: a size problem, answered like the others.
             status, code = 413, "too_many_files"
         return problem(status, code, str(exc.detail), instance=request.url.path)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return problem(500, "internal_error", "internal error; see the server log", instance=request.url.path)

@@ -2,7 +2,12 @@
 
 When the limit is crossed mid-upload the rest of the body (up to ``drain_bytes``) is read and
 thrown away before the answer goes out: a client still sending would otherwise see a reset
-connection instead of our 413.
+connection instead of our 413. Nothing of the body is kept in memory: drained chunks are dropped.
+
+A client that declared a too-large ``Content-Length`` and asked ``Expect: 100-continue`` (curl does
+for any body over 1 MB) is answered at once, before it sends a byte: reading the body would make the
+server send ``100 Continue`` and invite the whole upload. Whenever part of the body is left unread,
+the answer carries ``Connection: close``: that connection cannot carry another request.
 """
 
 from __future__ import annotations
@@ -33,12 +38,15 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         declared: int | None = None
+        expects_continue = False
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = None
+            elif name == b"expect" and value.lower() == b"100-continue":
+                expects_continue = True
         received = 0
         exceeded = False
         body_done = False
@@ -63,14 +71,21 @@ class BodyLimitMiddleware:
         async def draining_send(message: Message) -> None:
             nonlocal body_done
             if message["type"] == "http.response.start" and exceeded and not body_done:
-                drained = 0
-                while drained <= self.drain_bytes:
-                    extra = await receive()
-                    if extra["type"] != "http.request":
-                        break
-                    drained += len(extra.get("body", b""))
-                    if not extra.get("more_body", False):
-                        break
+                # Waiting for "100 Continue" and nothing read yet: answer now, never invite the body.
+                if not (expects_continue and received == 0):
+                    drained = 0
+                    while drained <= self.drain_bytes:
+                        extra = await receive()
+                        if extra["type"] != "http.request":
+                            body_done = True
+                            break
+                        drained += len(extra.get("body", b""))
+                        if not extra.get("more_body", False):
+                            body_done = True
+                            break
+                if not body_done:
+                    headers = [*message.get("headers", []), (b"connection", b"close")]
+                    message = {**message, "headers": headers}
                 body_done = True
             await send(message)
 

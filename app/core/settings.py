@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./data")
     database_url: str = ""  # default: sqlite:///{data_dir}/lafter.db
     broker_url: str = ""  # default: filesystem:// under {data_dir}/broker
+    db_connect_timeout_s: int = Field(default=5, ge=1)  # a dead database answers 503 this fast
+    db_pool_timeout_s: float = Field(default=10.0, gt=0)  # waiting for a pooled connection, then 503
     storage_backend: Literal["local", "s3"] = "local"
     storage_dir: Path | None = None  # default: {data_dir}/blobs
     s3_bucket: str = ""
@@ -39,6 +41,9 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     default_owner_id: str = "default"
+    # API keys (``Authorization: Bearer``). ``python -m app`` defaults to "off" (single-user, loudly
+    # logged); everything else defaults to "on", and production refuses "off".
+    auth: Literal["on", "off"] = "on"
     page_size_default: int = Field(default=20, ge=1)
     page_size_max: int = Field(default=100, ge=1)
 
@@ -50,6 +55,8 @@ class Settings(BaseSettings):
     max_files_per_request: int = Field(default=10_000, ge=1)
     max_archive_members: int = Field(default=50_000, ge=1)
     max_archive_bytes: int = Field(default=2 * 1024 * 1024 * 1024, ge=1)
+    max_archive_ratio: float = Field(default=100.0, gt=1)  # unpacked / compressed bytes
+    max_unpacked_files: int = Field(default=50_000, ge=1)  # files of one request, archives unpacked
 
     # --- jobs ---------------------------------------------------------------------------------
     min_images_per_job: int = Field(default=16, ge=1)
@@ -62,6 +69,16 @@ class Settings(BaseSettings):
     cancel_poll_interval_s: float = Field(default=1.0, gt=0)
     progress_write_interval_s: float = Field(default=0.5, ge=0)
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)  # an Idempotency-Key names one job this long
+
+    # --- crash-safe jobs, per-owner caps (worker/, app/core/reaper.py) --------------------------
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)  # no heartbeat this long: its worker is lost
+    max_job_attempts: int = Field(default=3, ge=1)  # runs of a job before a lost worker fails it
+    reaper_interval_s: float = Field(default=5.0, ge=0)  # the API's housekeeping loop; 0: not here
+    requeue_after_s: float = Field(default=3600.0, gt=0)  # a queued job's message is re-sent this often
+    checkpoint_every_s: float = Field(default=60.0, ge=0)  # stage-2 checkpoints; 0: by steps only
+    checkpoint_every_steps: int = Field(default=0, ge=0)  # 0: by time only
+    max_active_jobs_per_owner: int = Field(default=2, ge=0)  # running + sent to workers; 0: no cap
 
     # --- models and compute -------------------------------------------------------------------
     local_model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
@@ -96,6 +113,18 @@ class Settings(BaseSettings):
             return [part for part in text.replace(";", ",").split(",") if part.strip()] if text else []
         return value
 
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_switch(cls, value: object) -> object:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str):
+            text = value.strip().lower()
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off", "no": "off"}.get(
+                text, text
+            )
+        return value
+
     @model_validator(mode="after")
     def _defaults_and_consistency(self) -> Settings:
         if not self.database_url:
@@ -115,6 +144,15 @@ class Settings(BaseSettings):
             self.check_production()
         return self
 
+    @model_validator(mode="after")
+    def _liveness(self) -> Settings:
+        if self.heartbeat_timeout_s <= 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                "LAFTER_HEARTBEAT_TIMEOUT_S must exceed twice LAFTER_HEARTBEAT_INTERVAL_S, or the reaper "
+                "takes live jobs for lost ones"
+            )
+        return self
+
     def check_production(self) -> None:
         """Refuse the embedded defaults where they would lose data or jobs under load."""
         problems = []
@@ -122,6 +160,8 @@ class Settings(BaseSettings):
             problems.append("LAFTER_DATABASE_URL is SQLite; production needs PostgreSQL")
         if self.broker_url.startswith("filesystem"):
             problems.append("LAFTER_BROKER_URL is the filesystem transport; production needs Redis")
+        if self.auth == "off":
+            problems.append("LAFTER_AUTH is off; production needs API keys (LAFTER_AUTH=on)")
         if problems:
             raise ValueError("refusing to start in production mode: " + "; ".join(problems))
 

@@ -5,12 +5,14 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from app.core.fields import JsonObject, Text
+
 
 class DatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=200)
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    name: Text = Field(min_length=1, max_length=200)
+    metadata: JsonObject = Field(default_factory=dict)
 
 
 class DatasetOut(BaseModel):

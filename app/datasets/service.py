@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -60,6 +60,7 @@ def limits_from(settings: Settings) -> Limits:
         min_image_side=settings.min_image_side,
         max_archive_members=settings.max_archive_members,
         max_archive_bytes=settings.max_archive_bytes,
+        max_archive_ratio=settings.max_archive_ratio,
     )
 
 
@@ -109,42 +110,144 @@ def parse_labels(raw: str | None) -> dict[str, str]:
     empty = [k for k, v in cleaned.items() if not v]
     if empty:
         raise Invalid(f"empty class name for {empty[0]!r}", code="labels_invalid", field="labels")
+    if any("\x00" in v for v in cleaned.values()):  # PostgreSQL text cannot hold it (found by fuzzing)
+        raise Invalid("a class name contains a NUL character", code="labels_invalid", field="labels")
     return cleaned
+
+
+# Decoded images wait at most this many bytes (or this many images) before they are stored and
+# dropped from memory: an upload of any size holds about this much image data at a time.
+_BATCH_BYTES = 8 * 1024 * 1024
+_BATCH_IMAGES = 64
 
 
 def _candidates(
     sources: Sequence[UploadSource], split: str, labels: dict[str, str], limits: Limits
-) -> list[Candidate | Rejection]:
-    out: list[Candidate | Rejection] = []
+) -> Generator[tuple[str, Candidate | Rejection], None, None]:
+    """Every file of the request, archives unpacked, one at a time, with the upload it came from
+    (the uploads themselves are spooled to disk by the multipart parser; at most one file's bytes
+    are read here at once)."""
     for src in sources:
         name = src.filename or "upload"
-        if src.size is not None and src.size > max(limits.max_file_bytes, limits.max_archive_bytes):
-            out.append(Rejection(name, "file_too_large", f"{src.size} bytes exceeds the upload limits"))
-            continue
         head = src.fileobj.read(512)
         src.fileobj.seek(0)
         kind = looks_like_archive(name, head)
         if kind is not None:
+            if src.size is not None and src.size > limits.max_archive_bytes:
+                yield (
+                    name,
+                    Rejection(
+                        name,
+                        "archive_too_large",
+                        f"{src.size} bytes exceeds the archive limit of {limits.max_archive_bytes}",
+                    ),
+                )
+                continue
             for item in iter_archive(name, src.fileobj, kind, limits, labelled=split == "eval"):
                 if isinstance(item, Candidate):
                     member_path = item.filename.removeprefix(f"{name}/")
                     explicit = labels.get(member_path) or labels.get(item.filename)
                     if explicit is not None:
                         item = Candidate(item.filename, item.data, explicit)
-                out.append(item)
+                yield name, item
             continue
         if src.size is not None and src.size > limits.max_file_bytes:
-            out.append(
+            yield (
+                name,
                 Rejection(
                     name,
                     "file_too_large",
                     f"{src.size} bytes exceeds the per-file limit of {limits.max_file_bytes}",
-                )
+                ),
             )
             continue
         data = src.fileobj.read(limits.max_file_bytes + 1)
-        out.append(Candidate(name, data, labels.get(name)))
-    return out
+        yield name, Candidate(name, data, labels.get(name))
+
+
+@dataclass
+class _Store:
+    """Stores decoded images in batches: dedupe by SHA-256 against the dataset and the request,
+    write new blobs, add rows. Only metadata outlives a batch."""
+
+    session: Session
+    blobs: BlobWrites
+    owner: Owner
+    dataset_id: str
+    outcome: _Outcome
+    seen: dict[str, DatasetImage] = field(default_factory=dict)
+    pending: list[DecodedImage] = field(default_factory=list)
+    pending_bytes: int = 0
+    added_train: int = 0
+    added_eval: int = 0
+    added_bytes: int = 0
+
+    def add(self, img: DecodedImage) -> None:
+        self.pending.append(img)
+        self.pending_bytes += len(img.data)
+        if self.pending_bytes >= _BATCH_BYTES or len(self.pending) >= _BATCH_IMAGES:
+            self.flush()
+
+    def flush(self) -> None:
+        unknown = {d.sha256 for d in self.pending} - self.seen.keys()
+        self.seen.update(repository.images_by_sha(self.session, self.dataset_id, unknown))
+        for img in self.pending:
+            self._store(img)
+        self.pending.clear()
+        self.pending_bytes = 0
+
+    def _store(self, img: DecodedImage) -> None:
+        img_split = "eval" if img.label else "train"
+        prior = self.seen.get(img.sha256)
+        if prior is not None:
+            if prior.split != img_split:
+                # One image in both splits would leak evaluation labels into training.
+                self.outcome.rejected.append(
+                    Rejection(
+                        img.filename,
+                        "split_conflict",
+                        f"the same image is already in the {prior.split} split of this dataset",
+                    )
+                )
+            else:
+                self.outcome.duplicates.append(
+                    DuplicateFile(filename=img.filename, image_id=prior.id, sha256=img.sha256)
+                )
+            return
+        key = f"images/{img.sha256[:2]}/{img.sha256}"
+        self.blobs.put_if_absent(key, img.data)
+        row = DatasetImage(
+            id=new_id("img"),
+            dataset_id=self.dataset_id,
+            owner_id=self.owner.id,
+            sha256=img.sha256,
+            storage_key=key,
+            filename=img.filename[:500],
+            format=img.format,
+            width=img.width,
+            height=img.height,
+            size_bytes=len(img.data),
+            split=img_split,
+            label=img.label,
+        )
+        self.session.add(row)
+        self.seen[img.sha256] = row
+        self.outcome.accepted.append(
+            AcceptedFile(
+                filename=img.filename,
+                image_id=row.id,
+                sha256=img.sha256,
+                width=img.width,
+                height=img.height,
+                split=img_split,  # type: ignore[arg-type]
+                label=img.label,
+            )
+        )
+        self.added_bytes += len(img.data)
+        if img_split == "eval":
+            self.added_eval += 1
+        else:
+            self.added_train += 1
 
 
 def add_images(
@@ -159,7 +262,9 @@ def add_images(
     settings: Settings,
 ) -> UploadReport:
     """Decode every file, store new images once by SHA-256, and report per file. Raises (and the
-    caller rolls back) when nothing at all was accepted, with the per-file reasons attached."""
+    caller rolls back) when nothing at all was accepted, with the per-file reasons attached.
+    Files are processed one at a time and stored in small batches, so memory stays bounded
+    whatever the size of the upload."""
     ds = get(session, owner, dataset_id)
     if not sources:
         raise Invalid("no files in the request (multipart field 'files')", code="no_files", field="files")
@@ -167,8 +272,20 @@ def add_images(
         raise Invalid("split must be 'train' or 'eval'", code="split_invalid", field="split")
     limits = limits_from(settings)
     outcome = _Outcome()
-    decoded: list[DecodedImage] = []
-    for item in _candidates(sources, split, labels, limits):
+    store = _Store(session, blobs, owner, ds.id, outcome)
+    items = _candidates(sources, split, labels, limits)
+    for count, (source, item) in enumerate(items, start=1):
+        if count > settings.max_unpacked_files:
+            outcome.rejected.append(
+                Rejection(
+                    source,
+                    "too_many_files",
+                    f"the request holds more than {settings.max_unpacked_files} files once archives are "
+                    "unpacked (LAFTER_MAX_UNPACKED_FILES); this one and the rest were not processed",
+                )
+            )
+            items.close()
+            break
         if isinstance(item, Rejection):
             outcome.rejected.append(item)
             continue
@@ -188,63 +305,8 @@ def add_images(
         if isinstance(result, Rejection):
             outcome.rejected.append(result)
         else:
-            decoded.append(result)
-
-    existing = repository.images_by_sha(session, ds.id, (d.sha256 for d in decoded))
-    seen: dict[str, DatasetImage] = dict(existing)
-    added_train = added_eval = added_bytes = 0
-    for img in decoded:
-        img_split = "eval" if img.label else "train"
-        prior = seen.get(img.sha256)
-        if prior is not None:
-            if prior.split != img_split:
-                # One image in both splits would leak evaluation labels into training.
-                outcome.rejected.append(
-                    Rejection(
-                        img.filename,
-                        "split_conflict",
-                        f"the same image is already in the {prior.split} split of this dataset",
-                    )
-                )
-            else:
-                outcome.duplicates.append(
-                    DuplicateFile(filename=img.filename, image_id=prior.id, sha256=img.sha256)
-                )
-            continue
-        key = f"images/{img.sha256[:2]}/{img.sha256}"
-        blobs.put_if_absent(key, img.data)
-        row = DatasetImage(
-            id=new_id("img"),
-            dataset_id=ds.id,
-            owner_id=owner.id,
-            sha256=img.sha256,
-            storage_key=key,
-            filename=img.filename[:500],
-            format=img.format,
-            width=img.width,
-            height=img.height,
-            size_bytes=len(img.data),
-            split=img_split,
-            label=img.label,
-        )
-        session.add(row)
-        seen[img.sha256] = row
-        outcome.accepted.append(
-            AcceptedFile(
-                filename=img.filename,
-                image_id=row.id,
-                sha256=img.sha256,
-                width=img.width,
-                height=img.height,
-                split=img_split,  # type: ignore[arg-type]
-                label=img.label,
-            )
-        )
-        added_bytes += len(img.data)
-        if img_split == "eval":
-            added_eval += 1
-        else:
-            added_train += 1
+            store.add(result)
+    store.flush()
 
     UPLOADED_FILES.labels("accepted").inc(len(outcome.accepted))
     UPLOADED_FILES.labels("duplicate").inc(len(outcome.duplicates))
@@ -263,7 +325,7 @@ def add_images(
         )
 
     session.flush()
-    repository.add_counts(session, ds.id, added_train, added_eval, added_bytes)
+    repository.add_counts(session, ds.id, store.added_train, store.added_eval, store.added_bytes)
     session.flush()
     session.refresh(ds)
     return UploadReport(

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, select
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy.orm import Session, aliased
 
 from app.jobs.tables import Job, JobEvent
+
+# Jobs that hold one of their owner's slots while they run (LAFTER_MAX_ACTIVE_JOBS_PER_OWNER).
+ACTIVE = ("running", "cancelling")
 
 
 def get(session: Session, owner_id: str, job_id: str, *, for_update: bool = False) -> Job | None:
@@ -50,3 +54,83 @@ def events(session: Session, job_id: str, after: int | None, limit: int) -> Sequ
     if after is not None:
         stmt = stmt.where(JobEvent.id > after)
     return session.scalars(stmt.order_by(JobEvent.id).limit(limit)).all()
+
+
+# --- the queue: slots, positions, lost workers --------------------------------------------------
+# An owner's queued jobs run oldest first. With a cap of K, the oldest K - (running jobs) queued jobs
+# hold a slot and are sent to the workers; the rest wait, not in the broker, and move up.
+
+
+def checkpoint_key(job_id: str) -> str:
+    """Where a job's stage-2 checkpoint lives in blob storage (written by the worker)."""
+    return f"jobs/{job_id}/checkpoint.pt"
+
+
+def _older(other: Any, created_at: datetime, job_id: str) -> ColumnElement[bool]:
+    return or_(other.created_at < created_at, and_(other.created_at == created_at, other.id < job_id))
+
+
+def holds_slot(owner_id: str, created_at: datetime, job_id: str, cap: int) -> ColumnElement[bool]:
+    """True while the queued job ``job_id`` is among its owner's oldest ``cap - running`` queued jobs.
+    One SQL condition, so a worker claims a job with a single conditional UPDATE: concurrent claims
+    can never put an owner over the cap (a claim of an older job moves it from the queued count to
+    the running count, a claim of a newer one adds to the running count)."""
+    other = aliased(Job)
+    running = (
+        select(func.count()).select_from(other).where(other.owner_id == owner_id, other.status.in_(ACTIVE))
+    )
+    ahead = (
+        select(func.count())
+        .select_from(other)
+        .where(other.owner_id == owner_id, other.status == "queued", _older(other, created_at, job_id))
+    )
+    return running.scalar_subquery() + ahead.scalar_subquery() < cap
+
+
+def active_count(session: Session, owner_id: str) -> int:
+    stmt = select(func.count()).select_from(Job).where(Job.owner_id == owner_id, Job.status.in_(ACTIVE))
+    return int(session.scalar(stmt) or 0)
+
+
+def slot_holders(session: Session, owner_id: str, cap: int) -> Sequence[Job]:
+    """The owner's queued jobs that hold a slot (all of them with no cap), oldest first."""
+    stmt = select(Job).where(Job.owner_id == owner_id, Job.status == "queued")
+    stmt = stmt.order_by(Job.created_at, Job.id)
+    if cap:
+        free = cap - active_count(session, owner_id)
+        if free <= 0:
+            return []
+        stmt = stmt.limit(free)
+    return session.scalars(stmt).all()
+
+
+def queue_position(session: Session, job: Job, cap: int) -> int | None:
+    """1 for the owner's next job to get a slot, 2 for the one after...; None for a job that is not
+    waiting for a slot (not queued, or already sent to the workers)."""
+    if job.status != "queued" or not cap:
+        return None
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.owner_id == job.owner_id, Job.status == "queued", _older(Job, job.created_at, job.id))
+    )
+    waiting_ahead = int(ahead or 0) - max(0, cap - active_count(session, job.owner_id))
+    return None if waiting_ahead < 0 else waiting_ahead + 1
+
+
+def owners_with_queued_jobs(session: Session) -> list[str]:
+    return list(session.scalars(select(Job.owner_id).where(Job.status == "queued").distinct()))
+
+
+def stale_jobs(session: Session, cutoff: datetime, limit: int = 100) -> Sequence[Job]:
+    """Running or cancelling jobs whose last heartbeat is older than ``cutoff``, locked; rows another
+    process is already handling are skipped (Postgres; SQLite has no row locks and one writer)."""
+    last_seen = func.coalesce(Job.heartbeat_at, Job.started_at, Job.created_at)
+    stmt = (
+        select(Job)
+        .where(Job.status.in_(ACTIVE), last_seen < cutoff)
+        .order_by(Job.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    return session.scalars(stmt).all()

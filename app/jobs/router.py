@@ -34,9 +34,11 @@ def create_job(
         job, created = service.create(session, owner, body, settings, idempotency_key=idempotency_key)
         session.commit()
     except IntegrityError:
-        # Two requests with one Idempotency-Key raced: the loser answers with the winner's job.
+        # Two requests with one Idempotency-Key raced (a client retrying after a timeout): the
+        # unique (owner, key) index let one insert win; the loser answers with the winner's job.
         session.rollback()
         job, created = service.create(session, owner, body, settings, idempotency_key=idempotency_key)
+        session.commit()  # a job made on this second try must be visible before it is enqueued
     if not created:
         response.status_code = status.HTTP_200_OK
         return service.to_out(job)
@@ -92,7 +94,9 @@ def job_events(
     try:
         after_id = int(after) if after else None
     except ValueError:
-        raise Invalid("after must be an event cursor", code="cursor_invalid", field="after") from None
+        after_id = -1
+    if after_id is not None and not 0 <= after_id < 2**63:  # event ids are BIGINTs (fuzzing found 2**64)
+        raise Invalid("after must be an event cursor", code="cursor_invalid", field="after")
     rows = list(repository.events(session, job.id, after_id, limit + 1))
     has_more = len(rows) > limit
     rows = rows[:limit]

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, UrlConstraints
+
+from app.core.fields import JsonObject, Text
 
 Auto = Literal["auto"]
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
@@ -14,8 +16,8 @@ class DescriptionsIn(BaseModel):
 
     source: Literal["auto", "llm", "templates", "provided"] = "auto"
     per_class: int | None = Field(default=None, ge=1, le=100)
-    domain: str | None = Field(default=None, max_length=200, description="e.g. 'sketch', 'satellite photo'")
-    provided: dict[str, list[str]] | None = None
+    domain: Text | None = Field(default=None, max_length=200, description="e.g. 'sketch', 'satellite photo'")
+    provided: dict[Text, list[Text]] | None = None
 
 
 class HyperparametersIn(BaseModel):
@@ -46,16 +48,18 @@ class HyperparametersIn(BaseModel):
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    dataset_id: str
-    class_names: list[str]
-    base_model: str = Field(
-        "ViT-B-32::openai", description="any spec lafter accepts; see GET /v1/base-models"
+    dataset_id: Text
+    class_names: list[Text]
+    base_model: Text = Field(
+        "ViT-B-32::openai",
+        max_length=1000,  # the column's width
+        description="any spec lafter accepts; see GET /v1/base-models",
     )
     descriptions: DescriptionsIn = Field(default_factory=DescriptionsIn)
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
-    metadata: dict[str, Any] = Field(default_factory=dict)
-    webhook_url: HttpUrl | None = None
+    metadata: JsonObject = Field(default_factory=dict)
+    webhook_url: Annotated[HttpUrl, UrlConstraints(max_length=2000)] | None = None  # the column's width
 
 
 class Progress(BaseModel):
@@ -93,6 +97,12 @@ class JobOut(BaseModel):
     queued_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    queue_position: int | None = Field(
+        default=None,
+        description="for a queued job waiting for one of its owner's slots (LAFTER_MAX_ACTIVE_JOBS_PER_OWNER): "
+        "1 = the next to run; null once it is sent to the workers, running or finished",
+    )
+    attempts: int = Field(default=0, description="runs so far; > 1 after a lost worker's job was re-run")
 
 
 class JobEventOut(BaseModel):

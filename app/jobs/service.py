@@ -1,21 +1,25 @@
 """Job rules: validation before queueing, cancellation, presentation. Never commits or enqueues:
-the router commits, then enqueues (a worker must never get an id whose row it cannot see)."""
+the router commits, then enqueues (a worker must never get an id whose row it cannot see); broker
+work a rule needs (a cancel signal, the next job of a freed slot) runs after that commit
+(``queue.after_commit``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import secrets
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from app.base_models.service import validate_spec
+from app.core import queue, reaper
 from app.core.auth import Owner
-from app.core.db import utcnow
+from app.core.db import get_sessionmaker, utcnow
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.ids import new_id
-from app.core.settings import Settings
+from app.core.settings import Settings, get_settings
 from app.datasets import repository as datasets
 from app.jobs import repository
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
@@ -110,18 +114,24 @@ def request_hash(body: JobCreate) -> str:
 def create(
     session: Session, owner: Owner, body: JobCreate, settings: Settings, *, idempotency_key: str | None = None
 ) -> tuple[Job, bool]:
-    """Validate and insert a queued job. Returns (job, created); an Idempotency-Key seen before with
-    the same body returns the first job (created False), with another body a 409."""
+    """Validate and insert a queued job. Returns (job, created); an Idempotency-Key this owner used
+    within ``LAFTER_IDEMPOTENCY_TTL_S`` with the same body returns the first job (created False),
+    with another body a 409. An older key is released from its job and names the new one."""
     digest = request_hash(body)
     if idempotency_key is not None:
         prior = repository.by_idempotency_key(session, owner.id, idempotency_key)
         if prior is not None:
-            if prior.request_hash != digest:
-                raise Conflict(
-                    "this Idempotency-Key was used with a different request body",
-                    code="idempotency_key_reused",
-                )
-            return prior, False
+            if prior.created_at > utcnow() - timedelta(seconds=settings.idempotency_ttl_s):
+                if prior.request_hash != digest:
+                    raise Conflict(
+                        "this Idempotency-Key was used with a different request body",
+                        code="idempotency_key_reused",
+                    )
+                return prior, False
+            # Expired. The (owner, key) pair is unique, so the old job gives the key up (in this
+            # transaction: a request that fails validation below keeps it where it was).
+            prior.idempotency_key = None
+            session.flush()
 
     names = _validate_class_names(body.class_names, settings)
     ds = datasets.get(session, owner.id, body.dataset_id)
@@ -187,12 +197,33 @@ def cancel(session: Session, owner: Owner, job_id: str) -> Job:
         job.cancel_requested_at = now
         job.eta_seconds = None
         repository.add_event(session, job.id, "log", message="cancelled before it started")
+        # It may have held a slot: the owner's next waiting job moves up.
+        owner_id = job.owner_id
+        queue.after_commit(session, lambda: _dispatch_owner(owner_id))
     elif job.status == "running":
         job.status = "cancelling"
         job.cancel_requested_at = now
-        repository.add_event(session, job.id, "log", stage=job.stage, message="cancel requested")
+        repository.add_event(
+            session, job.id, "log", stage=job.stage, message="cancel requested", data={"step": job.step}
+        )
+        # The worker stops before its next step: at once on a Redis broker, else at its next status
+        # read (LAFTER_CANCEL_POLL_INTERVAL_S).
+        job_id = job.id
+        queue.after_commit(session, lambda: queue.signal_cancel(job_id))
     session.flush()
     return job
+
+
+def _dispatch_owner(owner_id: str) -> None:
+    reaper.dispatch(get_sessionmaker(), get_settings(), owner_id)
+
+
+def queue_position(job: Job, settings: Settings | None = None) -> int | None:
+    """For a queued job beyond its owner's cap: 1 = the next to be sent to the workers."""
+    session = object_session(job)
+    if job.status != "queued" or session is None:
+        return None
+    return repository.queue_position(session, job, (settings or get_settings()).max_active_jobs_per_owner)
 
 
 def to_out(job: Job) -> JobOut:
@@ -223,4 +254,6 @@ def to_out(job: Job) -> JobOut:
         queued_at=job.queued_at,
         started_at=job.started_at,
         finished_at=job.finished_at,
+        queue_position=queue_position(job),
+        attempts=job.attempts,
     )

@@ -19,10 +19,12 @@ import redis
 import sqlalchemy as sa
 
 from tests.lafter.fake_llm import FakeLLMServer
-from tests.service.helpers import REPO, TINY_CONFIG, free_port, wait_for, wait_http
+from tests.service.helpers import REPO, TINY_CONFIG, bearer, create_key, free_port, wait_for, wait_http
 
 ADMIN_URL = os.environ.get("LAFTER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LAFTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+OWNER = "tester"  # the owner of the key ``Service.client`` sends
 
 # Small limits so the "too large" paths are cheap to hit.
 MAX_FILE_BYTES = 300_000
@@ -40,6 +42,11 @@ class Service:
     llm: FakeLLMServer
     logs: Path
     root: Path
+    key: str  # an API key of OWNER, made with ``python -m app keys create``
+
+    def client_for(self, key: str | None) -> httpx.Client:
+        """Another client of the same API: another owner's key, or none at all."""
+        return httpx.Client(base_url=self.url, timeout=60, headers=bearer(key) if key else None)
 
     def count(self, table: str) -> int:
         with self.engine.connect() as conn:
@@ -116,6 +123,7 @@ def service(
     env = {
         **os.environ,
         "LAFTER_ENV": "test",
+        "LAFTER_AUTH": "on",
         "LAFTER_DATA_DIR": str(root),
         "LAFTER_DATABASE_URL": pg_database,
         "LAFTER_BROKER_URL": redis_broker,
@@ -134,6 +142,7 @@ def service(
         "LAFTER_LOCAL_MODEL_DIRS": str(root / "models"),
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",  # a fuzzed job naming a pretrained tag must fail at once, not download
     }
     _local_model(root / "models")
     # The schema is made the production way: the alembic command line.
@@ -145,6 +154,7 @@ def service(
         text=True,
     )
     assert migrate.returncode == 0, migrate.stderr
+    key = create_key(env, OWNER, name="pytest")
 
     worker_log = logs / "worker.log"
     api_log = logs / "api.log"
@@ -167,8 +177,8 @@ def service(
         wait_for(
             lambda: "ready." in worker_log.read_text(errors="replace"), 60, 0.3, "the worker to be ready"
         )
-        with httpx.Client(base_url=url, timeout=60) as client:
-            yield Service(url, client, engine, env, storage, fake_llm, logs, root)
+        with httpx.Client(base_url=url, timeout=60, headers=bearer(key)) as client:
+            yield Service(url, client, engine, env, storage, fake_llm, logs, root, key)
     except BaseException:
         print("---- api log ----\n" + _tail(api_log), file=sys.stderr)
         print("---- worker log ----\n" + _tail(worker_log), file=sys.stderr)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import io
 import socket
+import subprocess
+import sys
 import tarfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +74,22 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def create_key(env: dict[str, str], owner: str, name: str | None = None) -> str:
+    """An API key made the way an operator makes one: ``python -m app keys create``."""
+    cmd = [sys.executable, "-m", "app", "keys", "create", "--owner", owner]
+    if name:
+        cmd += ["--name", name]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.strip()
+    assert key.startswith("lft_") and "\n" not in key, done.stdout
+    return key
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
 def wait_for(
     predicate: Callable[[], Any], timeout: float, interval: float = 0.2, what: str = "condition"
 ) -> Any:
@@ -94,6 +113,26 @@ def wait_http(url: str, timeout: float = 60.0, proc: Any = None) -> None:
             return False
 
     wait_for(up, timeout, 0.3, f"{url} to answer")
+
+
+@contextmanager
+def api_process(env: dict[str, str], log: Path, timeout: float = 60) -> Iterator[str]:
+    """One more uvicorn API process (its own settings, e.g. another database URL or queue), over
+    HTTP like the main one. Yields its base URL; stops it afterwards."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_http(f"http://127.0.0.1:{port}/healthz", timeout=timeout, proc=proc)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def poll_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120.0) -> dict[str, Any]:

@@ -70,7 +70,7 @@ def test_labelled_archive_takes_the_parent_folder_as_class() -> None:
 def test_archive_limits_and_links() -> None:
     many = zip_of({f"{i}.png": png(i) for i in range(7)})
     items = list(iter_archive("m.zip", io.BytesIO(many), "zip", LIMITS, labelled=False))
-    assert isinstance(items[-1], Rejection) and items[-1].code == "archive_too_large"
+    assert isinstance(items[-1], Rejection) and items[-1].code == "archive_too_many_members"
 
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
@@ -78,7 +78,9 @@ def test_archive_limits_and_links() -> None:
         link.type = tarfile.SYMTYPE
         link.linkname = "/etc/passwd"
         tf.addfile(link)
-    assert list(iter_archive("l.tar", io.BytesIO(buf.getvalue()), "tar", LIMITS, labelled=False)) == []
+    links = list(iter_archive("l.tar", io.BytesIO(buf.getvalue()), "tar", LIMITS, labelled=False))
+    assert [r.code for r in links if isinstance(r, Rejection)] == ["archive_link"]
+    assert not any(isinstance(i, Candidate) for i in links)
 
     broken = list(iter_archive("b.zip", io.BytesIO(b"PK\x03\x04garbage"), "zip", LIMITS, labelled=False))
     assert [r.code for r in broken if isinstance(r, Rejection)] == ["archive_corrupt"]

@@ -1,0 +1,1 @@
+"""A synthetic world for proving adaptation without real CLIP weights (see world.py)."""
