@@ -116,7 +116,7 @@ def run_seed(args: argparse.Namespace, backbone: Backbone, seed: int) -> dict[st
     out["text_classifier"] = acc(text_model)
     out["sentences"] = len(desc.sentences)
 
-    cfg = AdaptConfig(epochs=args.epochs, batch_size=args.batch_size)
+    cfg = AdaptConfig(epochs=args.epochs, batch_size=args.batch_size, pseudo_label_balance=args.balance)
     cache = ImageCache.from_pil(unlabeled, backbone.image_size)
     t = time.perf_counter()
     fast = adapt(backbone, text.head, cache, CLASSES, cfg, seed=seed)
@@ -131,7 +131,12 @@ def run_seed(args: argparse.Namespace, backbone: Backbone, seed: int) -> dict[st
     out["pool_accuracy_after"] = accuracy(adapted_on_pool, hidden_y)
 
     if not args.skip_reference:
-        ref_cfg = AdaptConfig(epochs=args.epochs, batch_size=args.batch_size, data_path="reference")
+        ref_cfg = AdaptConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            data_path="reference",
+            pseudo_label_balance=args.balance,
+        )
         ref = adapt(backbone, text.head, unlabeled, CLASSES, ref_cfg, seed=seed)
         out["lafter_reference_regime"] = acc(ref.model)
         out["reference_images_per_s"] = ref.images_per_s
@@ -148,6 +153,9 @@ def main() -> None:
     p.add_argument("--pretrain-seed", type=int, default=0)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--target", default="sketch", choices=["sketch", "marker"], help="target style")
+    p.add_argument(
+        "--balance", default="none", choices=["none", "align"], help="AdaptConfig.pseudo_label_balance"
+    )
     p.add_argument("--unlabeled-per-class", type=int, default=100)
     p.add_argument("--test-per-class", type=int, default=100)
     p.add_argument("--probe-per-class", type=int, default=100)

@@ -64,6 +64,12 @@ class AdaptConfig:
     # (e.g. 32 px) a blur of sigma 2 px and 20% crops destroy much of the evidence: offered as options.
     strong_crop_scale: tuple[float, float] = (0.2, 1.0)
     strong_blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # "none" is the method (hard argmax, no balancing). "align": distribution alignment of the
+    # teacher (ReMixMatch-style): divide its probabilities by their running mean before the argmax,
+    # so a teacher biased towards a few classes does not starve the others. An option, measured in
+    # docs/benchmarks.md.
+    pseudo_label_balance: Literal["none", "align"] = "none"
+    balance_momentum: float = 0.99
 
     def resolve(self, num_images: int) -> dict[str, Any]:
         if num_images < 2:
@@ -123,6 +129,7 @@ class AdaptCheckpoint:
     device_rng: torch.Tensor | None
     histogram: list[int]
     history: list[dict[str, Any]]
+    teacher_prior: list[float] | None = None  # running mean teacher probabilities ("align" only)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain containers of tensors and numbers (``torch.load(weights_only=True)`` reads them)."""
@@ -131,7 +138,9 @@ class AdaptCheckpoint:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AdaptCheckpoint:
         try:
-            return cls(**{f.name: data[f.name] for f in fields(cls)})
+            return cls(
+                **{f.name: data[f.name] for f in fields(cls) if f.name in data or f.name != "teacher_prior"}
+            )
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
 
@@ -274,13 +283,28 @@ def adapt(
         if config.compile:
             encode = torch.compile(encode)
 
+        prior = torch.zeros(len(class_names), device=dev)  # running mean teacher probabilities
+        prior_seen = [False]
+
         def train_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             with (
                 torch.no_grad(),
                 torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
             ):
                 teacher = nn.functional.normalize(encode(weak, None).float(), dim=-1)
-                pseudo = frozen_head(teacher).argmax(dim=1)
+                teacher_logits = frozen_head(teacher)
+                if config.pseudo_label_balance == "align":
+                    probs = teacher_logits.softmax(dim=1)
+                    mean_probs = probs.mean(0)
+                    if prior_seen[0]:
+                        prior.mul_(config.balance_momentum).add_(
+                            mean_probs, alpha=1 - config.balance_momentum
+                        )
+                    else:
+                        prior.copy_(mean_probs)
+                        prior_seen[0] = True
+                    teacher_logits = probs.log() - prior.clamp_min(1e-8).log()
+                pseudo = teacher_logits.argmax(dim=1)
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = state.head(encode(strong, state.prompts))
             loss = loss_fn(logits.float(), pseudo)
@@ -305,6 +329,9 @@ def adapt(
             histogram += torch.tensor(resume_from.histogram, dtype=torch.long, device=dev)
             history = [dict(h) for h in resume_from.history]
             step = resume_from.step
+            if resume_from.teacher_prior is not None:
+                prior.copy_(torch.tensor(resume_from.teacher_prior, device=dev))
+                prior_seen[0] = True
             log.info("LaFTer: resuming at step %d of %d", step, total)
         start_step = step
 
@@ -319,6 +346,7 @@ def adapt(
                 device_rng=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 histogram=histogram.tolist(),
                 history=[dict(h) for h in history],
+                teacher_prior=prior.tolist() if prior_seen[0] else None,
             )
 
         start = time.perf_counter()

@@ -225,3 +225,23 @@ def test_zero_shot_and_text_classifier_share_the_prediction_interface(backbone, 
     restored = AdaptedModel.from_bytes(AdaptedModel.zero_shot(backbone, CLASSES).to_bytes())
     assert restored.kind == "zero_shot"
     assert torch.equal(AdaptedClassifier(backbone, restored).predict_images(images[:5]), probs)
+
+
+def test_distribution_alignment_option_spreads_a_biased_teachers_pseudo_labels(backbone, images, text_head):
+    cache = ImageCache.from_pil(images, backbone.image_size)
+    views = ViewMaker(backbone.image_size, backbone.mean, backbone.std)
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(backbone.model.encode_image(views.weak(cache.data)), dim=-1)
+        mean = torch.nn.functional.normalize(feats.mean(0), dim=0)
+        assert (feats @ mean).min() > 0.5  # the features share a direction: use it to bias class 0
+    biased = torch.nn.Linear(text_head.in_features, len(CLASSES), bias=False)
+    with torch.no_grad():
+        biased.weight.copy_(0.1 * text_head.weight)
+        biased.weight[0] += 10.0 * mean
+    hist = {}
+    for balance in ("none", "align"):
+        cfg = AdaptConfig(batch_size=len(images), max_steps=4, learning_rate=0.0, pseudo_label_balance=balance)
+        hist[balance] = adapt(backbone, biased, cache, CLASSES, cfg, seed=0).pseudo_label_histogram
+    assert hist["none"][0] == sum(hist["none"])  # the method as published: class 0 takes everything
+    assert max(hist["align"]) < sum(hist["align"])  # aligned: other classes get pseudo-labels too
+    assert AdaptConfig().pseudo_label_balance == "none"  # the faithful default is unchanged

@@ -128,3 +128,14 @@ def test_resuming_another_run_is_refused(backbone, cache, text_head, uninterrupt
         adapt(backbone, text_head, cache, CLASSES, other, seed=5, resume_from=snapshot)
     with pytest.raises(InvalidInputError, match="not a stage-2 checkpoint"):
         AdaptCheckpoint.from_bytes(b"not a checkpoint")
+
+
+def test_resume_keeps_the_teacher_prior_of_distribution_alignment(backbone, cache, text_head) -> None:
+    aligned = AdaptConfig(batch_size=8, epochs=3, max_steps=7, prompt_tokens=4, pseudo_label_balance="align")
+    _, saved, hook = _recorder()
+    full = adapt(backbone, text_head, cache, CLASSES, aligned, seed=5, checkpoint=hook)
+    snapshot = AdaptCheckpoint.from_bytes(saved[4])
+    assert snapshot.teacher_prior is not None and abs(sum(snapshot.teacher_prior) - 1.0) < 1e-4
+    resumed = adapt(backbone, text_head, cache, CLASSES, aligned, seed=5, resume_from=snapshot)
+    _same_model(resumed, full)
+    assert resumed.pseudo_label_histogram == full.pseudo_label_histogram
