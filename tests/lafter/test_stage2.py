@@ -240,7 +240,9 @@ def test_distribution_alignment_option_spreads_a_biased_teachers_pseudo_labels(b
         biased.weight[0] += 10.0 * mean
     hist = {}
     for balance in ("none", "align"):
-        cfg = AdaptConfig(batch_size=len(images), max_steps=4, learning_rate=0.0, pseudo_label_balance=balance)
+        cfg = AdaptConfig(
+            batch_size=len(images), max_steps=4, learning_rate=0.0, pseudo_label_balance=balance
+        )
         hist[balance] = adapt(backbone, biased, cache, CLASSES, cfg, seed=0).pseudo_label_histogram
     assert hist["none"][0] == sum(hist["none"])  # the method as published: class 0 takes everything
     assert max(hist["align"]) < sum(hist["align"])  # aligned: other classes get pseudo-labels too
