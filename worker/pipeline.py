@@ -411,6 +411,7 @@ def _execute(
         prompt_tokens=int(hp.get("prompt_tokens", 50)),
         label_smoothing=float(hp.get("label_smoothing", 0.1)),
         max_steps=hp.get("max_steps"),
+        pseudo_label_balance=hp.get("pseudo_label_balance", "none"),
     )
     writer = CheckpointWriter(storage, settings, reporter, job.id, _inputs_digest(job, train_keys), text)
 
@@ -448,6 +449,7 @@ def _execute(
         "trainable_parameters": int(result.resolved.get("trainable_parameters", 0)),
         "precision": result.resolved.get("precision"),
         "device": result.resolved.get("device"),
+        "pseudo_label_balance": result.resolved.get("pseudo_label_balance"),  # what stage 2 really used
     }
     metrics["adapting"] = {
         "steps": result.steps,

@@ -37,6 +37,11 @@ class HyperparametersIn(BaseModel):
     prompt_tokens: int = Field(default=50, ge=1, le=1000)
     label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     max_steps: int | None = Field(default=None, ge=1, description="cap on stage 2 optimiser steps")
+    pseudo_label_balance: Literal["none", "align"] = Field(
+        default="none",
+        description="'none' is the method; 'align' divides the teacher's probabilities by their running "
+        "mean (distribution alignment) so a biased teacher does not starve classes",
+    )
 
     def model_post_init(self, _context: Any) -> None:
         for name in ("text_steps", "epochs", "batch_size"):

@@ -54,7 +54,7 @@ def trained(service: Service) -> dict[str, Any]:
             "class_names": CLASSES,
             "base_model": TINY_SPEC,
             "descriptions": {"source": "llm", "per_class": 2},
-            "hyperparameters": TINY_HP,
+            "hyperparameters": {**TINY_HP, "pseudo_label_balance": "align"},
             "seed": 7,
             "metadata": {"run": "flow"},
         },
@@ -77,6 +77,7 @@ def test_job_reports_progress_and_resolved_hyperparameters(service: Service, tra
     hp = job["hyperparameters"]
     assert hp["text_steps"] == 5 and hp["epochs"] == 1 and hp["batch_size"] == 4
     assert hp["total_steps"] == 2 and hp["trainable_parameters"] > 0
+    assert hp["pseudo_label_balance"] == "align"  # the option reaches stage 2 and is echoed back
     assert job["metrics"]["descriptions"]["source_used"] == "llm"
     with service.engine.connect() as conn:
         row = conn.execute(
