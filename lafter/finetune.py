@@ -10,6 +10,27 @@ Per step, for a batch of images:
   constant lr.
 Only the prompts, every LayerNorm affine of the image tower and the head are trained; the base model
 is never modified (LayerNorm affines are functional overrides, see ``prompted.py``).
+
+Two recipes (``AdaptConfig.recipe``):
+
+- ``"paper"``: the reference, bit for bit: 50 prompt tokens, strong views with crops of 20-100% of the
+  area and a blur of sigma 0.1-2.0 px, hard argmax pseudo-labels; ``epochs="auto"`` is
+  ``clamp(ceil(20000 / N), 1, 50)``.
+- ``"default"`` (the product's): the same method with what depends on the input scaled to the model,
+  measured in docs/benchmarks.md (bench/quality.py):
+
+  * prompt tokens from the patch count, ``round(50 * patches / 49)`` in [4, 50]: ViT-B/32 at 224 px
+    has 49 patches and gets the reference's 50; a 32 px tower with 16 patches gets 16. 50 random
+    tokens among 16 patches move the features far from the unprompted ones before any step.
+  * strong-view blur sigma scaled by ``image_size / 224`` (the reference's 0.1-2.0 at 224 px) and the
+    smallest crop by ``sqrt(224 / image_size)`` (0.2 at 224 px, capped at 0.5), so small images keep
+    their evidence;
+  * debiased pseudo-labels: the teacher's log-probabilities minus ``tau`` times the log of their
+    running mean (distribution alignment, ReMixMatch: Berthelot et al., ICLR 2020; adaptive debiasing
+    of CLIP pseudo-labels, DebiasPL: Wang et al., CVPR 2022, which uses tau = 1). The running mean
+    starts from one teacher pass over (up to 1,024 of) the images rather than from the first batch;
+  * ``epochs="auto"`` gives at least ``AUTO_MIN_STEPS`` steps (up to 200 epochs), so that small sets
+    get enough steps, and at least one epoch.
 """
 
 from __future__ import annotations
@@ -38,20 +59,52 @@ from lafter.views import ImageCache, ReferenceDataset, ReferenceViews, ViewMaker
 log = logging.getLogger(__name__)
 
 STAGE = "adapting"
+Recipe = Literal["default", "paper"]
+RECIPES: tuple[str, ...] = ("default", "paper")
 REFERENCE_EPOCHS = 50
 REFERENCE_BATCH = 50
-# "auto" epochs: enough passes that the run sees about this many image-views in total, between 1 and
-# the reference's 50 epochs. 500 images -> 40 epochs (400 steps at batch 50); 20,000+ images -> 1 epoch.
+REFERENCE_PROMPTS = 50
+REFERENCE_PATCHES = 49  # ViT-B/32 at 224 px, what the reference's 50 prompts were made for
+REFERENCE_IMAGE_SIZE = 224
+REFERENCE_CROP_SCALE = (0.2, 1.0)
+REFERENCE_BLUR_SIGMA = (0.1, 2.0)
+# "auto" epochs, paper recipe: enough passes that the run sees about this many image-views in total,
+# between 1 and the reference's 50 epochs. 500 images -> 40 epochs (400 steps at batch 50).
 AUTO_TARGET_SAMPLES = 20_000
+# "auto" epochs, default recipe: at least this many steps (and one epoch), at most AUTO_MAX_EPOCHS.
+AUTO_MIN_STEPS = 1000
+AUTO_MAX_EPOCHS = 200
+PRIOR_WARMUP_IMAGES = 1024
+
+
+def scaled_prompt_tokens(patches: int) -> int:
+    """Prompt tokens in proportion to the patch tokens: the reference's 50 at ViT-B/32's 49 patches."""
+    return max(4, min(REFERENCE_PROMPTS, round(REFERENCE_PROMPTS * patches / REFERENCE_PATCHES)))
+
+
+def scaled_blur_sigma(image_size: int) -> tuple[float, float]:
+    """The reference's sigma range (0.1-2.0 px at 224 px) in proportion to the image size."""
+    s = min(1.0, image_size / REFERENCE_IMAGE_SIZE)
+    return (round(REFERENCE_BLUR_SIGMA[0] * s, 4), round(REFERENCE_BLUR_SIGMA[1] * s, 4))
+
+
+def scaled_crop_scale(image_size: int) -> tuple[float, float]:
+    """Smallest crop area: the reference's 0.2 at 224 px, larger for smaller images (capped at 0.5)."""
+    low = REFERENCE_CROP_SCALE[0] * math.sqrt(max(1.0, REFERENCE_IMAGE_SIZE / image_size))
+    return (round(min(0.5, low), 4), 1.0)
 
 
 @dataclass
 class AdaptConfig:
+    """Stage-2 settings. Fields left at ``"auto"`` are decided by ``recipe`` (see the module docstring)
+    and echoed, resolved, in ``AdaptResult.resolved``; a value set explicitly always wins."""
+
+    recipe: Recipe = "default"
     epochs: int | Literal["auto"] = "auto"
     batch_size: int | Literal["auto"] = "auto"
     learning_rate: float = 5e-4
     weight_decay: float = 0.01
-    prompt_tokens: int = 50
+    prompt_tokens: int | Literal["auto"] = "auto"
     label_smoothing: float = 0.1
     max_steps: int | None = None
     # "fast": uint8 cache + batched views on the device + autocast (bf16 on CUDA).
@@ -60,20 +113,29 @@ class AdaptConfig:
     reference_workers: int = 0
     compile: bool = False
     log_every: int = 10
-    # Strong-view strength. The defaults are the reference's, made for 224 px photos; on small images
-    # (e.g. 32 px) a blur of sigma 2 px and 20% crops destroy much of the evidence: offered as options.
-    strong_crop_scale: tuple[float, float] = (0.2, 1.0)
-    strong_blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # Strong-view strength: smallest/largest crop area and blur sigma range in pixels.
+    strong_crop_scale: tuple[float, float] | Literal["auto"] = "auto"
+    strong_blur_sigma: tuple[float, float] | Literal["auto"] = "auto"
     # "none" is the method (hard argmax, no balancing). "align": distribution alignment of the
-    # teacher (ReMixMatch-style): divide its probabilities by their running mean before the argmax,
-    # so a teacher biased towards a few classes does not starve the others. An option, measured in
-    # docs/benchmarks.md.
-    pseudo_label_balance: Literal["none", "align"] = "none"
+    # teacher: its log-probabilities minus balance_tau * log(running mean of its probabilities).
+    pseudo_label_balance: Literal["none", "align", "auto"] = "auto"
+    balance_tau: float = 1.0
     balance_momentum: float = 0.99
+    # where the running mean starts: one teacher pass over (up to 1,024 of) the images, or the first batch
+    balance_prior_init: Literal["pool", "first_batch", "auto"] = "auto"
 
-    def resolve(self, num_images: int) -> dict[str, Any]:
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise InvalidInputError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
+
+    def resolve(
+        self, num_images: int, image_size: int = REFERENCE_IMAGE_SIZE, patches: int = 49
+    ) -> dict[str, Any]:
+        """Every "auto" made concrete for ``num_images`` images on a tower of ``image_size`` px with
+        ``patches`` patch tokens."""
         if num_images < 2:
             raise InvalidInputError("LaFTer needs at least 2 unlabeled images")
+        paper = self.recipe == "paper"
         if self.batch_size == "auto":
             batch = min(REFERENCE_BATCH, num_images)
         else:
@@ -81,22 +143,47 @@ class AdaptConfig:
             if batch < 1:
                 raise InvalidInputError("batch_size must be >= 1")
             batch = min(batch, num_images)
+        steps_per_epoch = num_images // batch  # drop_last, as the reference's loader
         if self.epochs == "auto":
-            epochs = max(1, min(REFERENCE_EPOCHS, math.ceil(AUTO_TARGET_SAMPLES / num_images)))
+            if paper:
+                epochs = max(1, min(REFERENCE_EPOCHS, math.ceil(AUTO_TARGET_SAMPLES / num_images)))
+            else:
+                epochs = max(1, min(AUTO_MAX_EPOCHS, math.ceil(AUTO_MIN_STEPS / steps_per_epoch)))
         else:
             epochs = int(self.epochs)
             if epochs < 1:
                 raise InvalidInputError("epochs must be >= 1")
-        steps_per_epoch = num_images // batch  # drop_last, as the reference's loader
         total = epochs * steps_per_epoch
         if self.max_steps is not None:
             total = min(total, int(self.max_steps))
+        prompts = self.prompt_tokens
+        if prompts == "auto":
+            prompts = REFERENCE_PROMPTS if paper else scaled_prompt_tokens(patches)
+        elif int(prompts) < 1:
+            raise InvalidInputError("prompt_tokens must be >= 1")
+        crop = self.strong_crop_scale
+        if crop == "auto":
+            crop = REFERENCE_CROP_SCALE if paper else scaled_crop_scale(image_size)
+        blur = self.strong_blur_sigma
+        if blur == "auto":
+            blur = REFERENCE_BLUR_SIGMA if paper else scaled_blur_sigma(image_size)
+        balance = self.pseudo_label_balance
+        if balance == "auto":
+            balance = "none" if paper else "align"
+        prior_init = self.balance_prior_init
+        if prior_init == "auto":
+            prior_init = "first_batch" if paper else "pool"
         return {
             **asdict(self),
             "epochs": epochs,
             "batch_size": batch,
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total,
+            "prompt_tokens": int(prompts),
+            "strong_crop_scale": [float(v) for v in crop],
+            "strong_blur_sigma": [float(v) for v in blur],
+            "pseudo_label_balance": balance,
+            "balance_prior_init": prior_init,
         }
 
 
@@ -240,7 +327,8 @@ def adapt(
     if config.data_path == "reference" and isinstance(images, ImageCache):
         raise InvalidInputError("the reference data path needs the original PIL images, not an ImageCache")
     n = len(images)
-    resolved = config.resolve(n)
+    patches = (backbone.image_size // backbone.patch_size) ** 2
+    resolved = config.resolve(n, backbone.image_size, patches)
     dev = backbone.device
     amp_dtype = backbone.amp_dtype if config.data_path == "fast" else None
     resolved["precision"] = precision_name(amp_dtype)
@@ -258,7 +346,7 @@ def adapt(
     with torch.random.fork_rng(devices=devices):  # seeded, without disturbing the caller's RNG
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
-        state = LafterState(backbone, text_head, config.prompt_tokens, gen).to(dev)
+        state = LafterState(backbone, text_head, int(resolved["prompt_tokens"]), gen).to(dev)
         frozen_head = copy.deepcopy(text_head).to(dev).requires_grad_(False)
         resolved["trainable_parameters"] = count_parameters(state)
         base_params = sum(p.numel() for p in backbone.visual.parameters())
@@ -283,28 +371,26 @@ def adapt(
         if config.compile:
             encode = torch.compile(encode)
 
-        prior = torch.zeros(len(class_names), device=dev)  # running mean teacher probabilities
-        prior_seen = [False]
+        align = (
+            DistributionAlignment(len(class_names), config.balance_tau, config.balance_momentum, dev)
+            if resolved["pseudo_label_balance"] == "align"
+            else None
+        )
 
-        def train_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def teacher_logits(weak: torch.Tensor) -> torch.Tensor:
             with (
                 torch.no_grad(),
                 torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
             ):
                 teacher = nn.functional.normalize(encode(weak, None).float(), dim=-1)
-                teacher_logits = frozen_head(teacher)
-                if config.pseudo_label_balance == "align":
-                    probs = teacher_logits.softmax(dim=1)
-                    mean_probs = probs.mean(0)
-                    if prior_seen[0]:
-                        prior.mul_(config.balance_momentum).add_(
-                            mean_probs, alpha=1 - config.balance_momentum
-                        )
-                    else:
-                        prior.copy_(mean_probs)
-                        prior_seen[0] = True
-                    teacher_logits = probs.log() - prior.clamp_min(1e-8).log()
-                pseudo = teacher_logits.argmax(dim=1)
+                return frozen_head(teacher)  # type: ignore[no-any-return]
+
+        def train_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            with torch.no_grad():
+                logits_t = teacher_logits(weak)
+                if align is not None:
+                    logits_t = align(logits_t)
+                pseudo = logits_t.argmax(dim=1)
             with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 logits = state.head(encode(strong, state.prompts))
             loss = loss_fn(logits.float(), pseudo)
@@ -329,10 +415,14 @@ def adapt(
             histogram += torch.tensor(resume_from.histogram, dtype=torch.long, device=dev)
             history = [dict(h) for h in resume_from.history]
             step = resume_from.step
-            if resume_from.teacher_prior is not None:
-                prior.copy_(torch.tensor(resume_from.teacher_prior, device=dev))
-                prior_seen[0] = True
+            if align is not None and resume_from.teacher_prior is not None:
+                align.load(resume_from.teacher_prior)
             log.info("LaFTer: resuming at step %d of %d", step, total)
+        elif (
+            align is not None and resolved["balance_prior_init"] == "pool" and isinstance(images, ImageCache)
+        ):
+            # the running mean starts from the teacher's view of the images themselves, not one batch
+            align.warm_start(_pool_probabilities(images, teacher_logits, backbone, batch))
         start_step = step
 
         def snapshot() -> AdaptCheckpoint:
@@ -346,14 +436,14 @@ def adapt(
                 device_rng=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
                 histogram=histogram.tolist(),
                 history=[dict(h) for h in history],
-                teacher_prior=prior.tolist() if prior_seen[0] else None,
+                teacher_prior=align.state() if align is not None else None,
             )
 
         start = time.perf_counter()
         window_start, window_images, window_steps = start, 0, 0
         loss_sum = torch.zeros((), device=dev)
         if isinstance(images, ImageCache):
-            batches = _cached_batches(images, total, order, dev, backbone, start_step, config)
+            batches = _cached_batches(images, total, order, dev, backbone, start_step, resolved)
         else:
             batches = _reference_batches(images, batch, total, gen, backbone, config)
         for weak, strong in batches:
@@ -442,11 +532,15 @@ def _cached_batches(
     dev: torch.device,
     backbone: Backbone,
     start: int,
-    config: AdaptConfig,
+    resolved: dict[str, Any],
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """(weak, strong) normalised view batches on ``dev`` for steps ``start .. total - 1``."""
     views = ViewMaker(
-        backbone.image_size, backbone.mean, backbone.std, config.strong_crop_scale, config.strong_blur_sigma
+        backbone.image_size,
+        backbone.mean,
+        backbone.std,
+        tuple(resolved["strong_crop_scale"]),  # type: ignore[arg-type]
+        tuple(resolved["strong_blur_sigma"]),  # type: ignore[arg-type]
     ).to(dev)
     data = _on_device_if_it_fits(images.data, dev)
     for step in range(start, total):
@@ -496,6 +590,12 @@ def _fingerprint(
         "weight_decay",
         "label_smoothing",
         "data_path",
+        "recipe",
+        "strong_crop_scale",
+        "strong_blur_sigma",
+        "pseudo_label_balance",
+        "balance_tau",
+        "balance_prior_init",
     )
     return {
         "base_model": backbone.spec,
@@ -536,4 +636,62 @@ def _on_device_if_it_fits(data: torch.Tensor, dev: torch.device, fraction: float
 
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in d.items() if isinstance(v, str | int | float | bool) or v is None}
+    def ok(v: Any) -> bool:
+        if isinstance(v, list | tuple):
+            return all(isinstance(x, int | float) for x in v)
+        return isinstance(v, str | int | float | bool) or v is None
+
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items() if ok(v)}
+
+
+class DistributionAlignment:
+    """Debiased pseudo-labels: ``log p - tau * log(prior)``, where ``prior`` is the running mean of the
+    teacher's class probabilities (ReMixMatch's distribution alignment at tau = 1; DebiasPL's adaptive
+    debiasing). A teacher that gives most images to a few classes is pulled back towards a uniform
+    marginal, so classes it rarely predicts still get pseudo-labels."""
+
+    def __init__(self, num_classes: int, tau: float, momentum: float, device: torch.device) -> None:
+        self.tau, self.momentum = float(tau), float(momentum)
+        self.prior = torch.zeros(num_classes, device=device)
+        self.started = False
+
+    def warm_start(self, mean_probs: torch.Tensor) -> None:
+        self.prior.copy_(mean_probs.to(self.prior.device))
+        self.started = True
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(dim=1)
+        batch_mean = probs.mean(0)
+        if self.started:
+            self.prior.mul_(self.momentum).add_(batch_mean, alpha=1 - self.momentum)
+        else:
+            self.prior.copy_(batch_mean)
+            self.started = True
+        return probs.clamp_min(1e-12).log() - self.tau * self.prior.clamp_min(1e-8).log()
+
+    def state(self) -> list[float] | None:
+        return self.prior.tolist() if self.started else None
+
+    def load(self, prior: Sequence[float]) -> None:
+        self.prior.copy_(torch.tensor(list(prior), device=self.prior.device))
+        self.started = True
+
+
+@torch.no_grad()
+def _pool_probabilities(
+    images: ImageCache,
+    teacher_logits: Callable[[torch.Tensor], torch.Tensor],
+    backbone: Backbone,
+    batch: int,
+) -> torch.Tensor:
+    """Mean teacher probabilities (weak views) over up to ``PRIOR_WARMUP_IMAGES`` evenly spaced
+    images. It draws no random numbers, so the run's random streams are the same with or without it."""
+    n = len(images)
+    idx = torch.linspace(0, n - 1, min(n, PRIOR_WARMUP_IMAGES)).round().long().unique()
+    views = ViewMaker(backbone.image_size, backbone.mean, backbone.std).to(backbone.device)
+    total = torch.zeros(())
+    chunk = max(batch, 64)
+    for start in range(0, len(idx), chunk):
+        u8 = images.data[idx[start : start + chunk]].to(backbone.device)
+        total = total + teacher_logits(views.weak(u8)).float().softmax(dim=1).sum(0).cpu()
+    return total / len(idx)

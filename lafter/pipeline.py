@@ -18,13 +18,14 @@ from lafter.artifact import AdaptedModel
 from lafter.backbone import Backbone
 from lafter.descriptions import DescriptionConfig, Descriptions, generate_descriptions
 from lafter.finetune import AdaptConfig, AdaptResult, adapt
+from lafter.guard import Evaluation, evaluate_candidates
 from lafter.llm import DescriptionCache, LLMClient
 from lafter.progress import CancelCheck, ProgressCallback, ProgressEvent, check_cancel
 from lafter.text_cache import EmbeddingCache, embed_sentences
 from lafter.text_classifier import TextClassifierConfig, TextClassifierResult, train_text_classifier
 from lafter.views import ImageCache
 
-STAGES = ("describing", "encoding_text", "training_text_classifier", "adapting")
+STAGES = ("describing", "encoding_text", "training_text_classifier", "adapting", "evaluating")
 
 
 @dataclass
@@ -33,14 +34,43 @@ class LafterRun:
     text: TextClassifierResult
     adaptation: AdaptResult
     seconds: dict[str, float] = field(default_factory=dict)
+    zero_shot: AdaptedModel | None = None
+    guard: Evaluation | None = None  # None when run with evaluate=False
 
     @property
     def model(self) -> AdaptedModel:
+        """The adapted model (whether or not it is the one to serve: see ``served_model``)."""
         return self.adaptation.model
 
     @property
     def text_model(self) -> AdaptedModel:
         return AdaptedModel.from_text_head(self.model.base_spec, self.model.class_names, self.text.head)
+
+    @property
+    def served_kind(self) -> str:
+        """Which of "lafter", "text_classifier", "zero_shot" the evaluation chose to serve."""
+        return self.guard.served if self.guard is not None else "lafter"
+
+    @property
+    def served_model(self) -> AdaptedModel:
+        kind = self.served_kind
+        if kind == "text_classifier":
+            return self.text_model
+        if kind == "zero_shot":
+            assert self.zero_shot is not None
+            return self.zero_shot
+        return self.model
+
+    @property
+    def evaluation(self) -> dict[str, Any]:
+        return self.guard.report if self.guard is not None else {}
+
+    @property
+    def warnings(self) -> list[dict[str, Any]]:
+        return list(self.descriptions_warnings()) + (self.guard.warnings if self.guard is not None else [])
+
+    def descriptions_warnings(self) -> list[dict[str, Any]]:
+        return [{"code": "descriptions", "message": w} for w in self.descriptions.warnings]
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"text_classifier": self.text.resolved, "adapt": self.adaptation.resolved}
@@ -72,7 +102,13 @@ def run_lafter(
     seed: int = 0,
     progress: ProgressCallback | None = None,
     should_cancel: CancelCheck | None = None,
+    evaluate: bool = True,
+    eval_images: ImageCache | None = None,
+    eval_labels: Sequence[int] | None = None,
 ) -> LafterRun:
+    """Stages 0-2, then (``evaluate``) the choice of the classifier to serve: zero-shot, the text
+    classifier or the adapted model, by accuracy on ``eval_images``/``eval_labels`` when given (never
+    trained on), else by the label-free guard (``lafter.guard``)."""
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     desc = generate_descriptions(
@@ -119,4 +155,24 @@ def run_lafter(
             "text_classifier": {k: v for k, v in text.resolved.items() if isinstance(v, int | float | str)},
         }
     )
-    return LafterRun(descriptions=desc, text=text, adaptation=adaptation, seconds=seconds)
+    run = LafterRun(descriptions=desc, text=text, adaptation=adaptation, seconds=seconds)
+    if evaluate:
+        check_cancel(should_cancel, "evaluating", 0)
+        t = time.perf_counter()
+        cache = (
+            images
+            if isinstance(images, ImageCache)
+            else ImageCache.from_pil(list(images), backbone.image_size)
+        )
+        run.zero_shot = AdaptedModel.zero_shot(backbone, list(desc.class_names))
+        run.guard = evaluate_candidates(
+            backbone,
+            {"zero_shot": run.zero_shot, "text_classifier": run.text_model, "lafter": run.model},
+            cache,
+            eval_images,
+            eval_labels,
+        )
+        seconds["evaluating"] = time.perf_counter() - t
+        if progress is not None:
+            progress(ProgressEvent("evaluating", 1, 1, {"served": run.guard.served}))
+    return run

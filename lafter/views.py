@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -117,9 +118,10 @@ class ImageCache:
         return cls.from_sources([str(p) for p in paths], size, names=[str(p) for p in paths], workers=workers)
 
 
-def blur_kernel_size(image_size: int) -> int:
-    """Odd kernel covering +-3 sigma at the largest sigma (2.0), capped below the image size."""
-    k = 2 * 6 + 1
+def blur_kernel_size(image_size: int, max_sigma: float = 2.0) -> int:
+    """Odd kernel covering +-3 sigma at the largest sigma (13 for the reference's 2.0), capped below
+    the image size."""
+    k = 2 * max(1, math.ceil(3 * max_sigma)) + 1
     return min(k, image_size - 1 if image_size % 2 == 0 else image_size)
 
 
@@ -146,7 +148,7 @@ class ViewMaker(torch.nn.Module):
             K.RandomHorizontalFlip(p=0.5),
             K.ColorJitter(0.4, 0.4, 0.4, 0.1, p=0.8),
             K.RandomGrayscale(p=0.2),
-            K.RandomGaussianBlur(blur_kernel_size(image_size), sigma=blur_sigma, p=1.0),
+            K.RandomGaussianBlur(blur_kernel_size(image_size, blur_sigma[1]), sigma=blur_sigma, p=1.0),
         )
 
     def _to_float(self, u8: torch.Tensor) -> torch.Tensor:

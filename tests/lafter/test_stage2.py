@@ -12,7 +12,7 @@ from torchvision import transforms as T
 
 from lafter.artifact import AdaptedModel
 from lafter.backbone import load_backbone
-from lafter.errors import ArtifactMismatchError, Cancelled, CorruptArtifactError
+from lafter.errors import ArtifactMismatchError, Cancelled, CorruptArtifactError, InvalidInputError
 from lafter.finetune import AdaptConfig, adapt
 from lafter.predict import AdaptedClassifier, ZeroShotClassifier
 from lafter.prompted import PromptedTower, _PromptedForward
@@ -83,7 +83,7 @@ def test_teacher_is_unprompted_weak_view_through_frozen_text_head(backbone, imag
     cache = ImageCache.from_pil(images, backbone.image_size)
     events = []
     head_before = text_head.weight.clone()
-    cfg = AdaptConfig(batch_size=len(images), max_steps=3, log_every=1)
+    cfg = AdaptConfig(recipe="paper", batch_size=len(images), max_steps=3, log_every=1)
     res = adapt(backbone, text_head, cache, CLASSES, cfg, seed=0, progress=events.append)
     # each step: one teacher call without prompts, then one student call with prompts
     assert calls == [True, False] * 3
@@ -100,7 +100,7 @@ def test_teacher_is_unprompted_weak_view_through_frozen_text_head(backbone, imag
 
 
 def test_head_starts_from_stage1_head_and_prompts_use_reference_init(backbone, images, text_head):
-    cfg = AdaptConfig(batch_size=8, max_steps=1, learning_rate=0.0, weight_decay=0.0)
+    cfg = AdaptConfig(recipe="paper", batch_size=8, max_steps=1, learning_rate=0.0, weight_decay=0.0)
     res = adapt(backbone, text_head, images, CLASSES, cfg, seed=0)
     assert torch.equal(res.model.head_weight, text_head.weight)
     bound = (6.0 / (3 * 16 * 16 + backbone.width)) ** 0.5
@@ -138,13 +138,41 @@ def test_cancellation_between_steps(backbone, images, text_head):
 
 
 def test_auto_schedule_is_derived_and_echoed():
-    r = AdaptConfig().resolve(500)
+    paper = AdaptConfig(recipe="paper")
+    r = paper.resolve(500)
     assert (r["batch_size"], r["epochs"], r["steps_per_epoch"], r["total_steps"]) == (50, 40, 10, 400)
-    big = AdaptConfig().resolve(100_000)
+    big = paper.resolve(100_000)
     assert big["epochs"] == 1 and big["total_steps"] == 2000
-    small = AdaptConfig().resolve(30)
+    small = paper.resolve(30)
     assert small["batch_size"] == 30 and small["epochs"] == 50
     assert AdaptConfig(epochs=2, batch_size=7, max_steps=3).resolve(30)["total_steps"] == 3
+    # the default recipe gives small sets enough steps (at least 1,000, at most 200 epochs), big sets an epoch
+    d = AdaptConfig().resolve(500)
+    assert (d["epochs"], d["total_steps"]) == (100, 1000)
+    assert AdaptConfig().resolve(100_000)["total_steps"] == 2000
+    assert AdaptConfig().resolve(30)["epochs"] == 200
+
+
+def test_paper_recipe_is_the_reference_and_default_scales_with_the_input():
+    ref = AdaptConfig(recipe="paper").resolve(1000, image_size=32, patches=16)
+    assert ref["prompt_tokens"] == 50
+    assert ref["strong_crop_scale"] == [0.2, 1.0] and ref["strong_blur_sigma"] == [0.1, 2.0]
+    assert ref["pseudo_label_balance"] == "none" and ref["balance_prior_init"] == "first_batch"
+    # at ViT-B/32's own scale the default recipe's views and prompts are the reference's
+    at224 = AdaptConfig().resolve(1000, image_size=224, patches=49)
+    assert at224["prompt_tokens"] == 50
+    assert at224["strong_crop_scale"] == [0.2, 1.0] and at224["strong_blur_sigma"] == [0.1, 2.0]
+    assert at224["pseudo_label_balance"] == "align" and at224["balance_prior_init"] == "pool"
+    small = AdaptConfig().resolve(1000, image_size=32, patches=16)
+    assert small["prompt_tokens"] == 16
+    assert small["strong_blur_sigma"][1] < 0.3 and 0.4 < small["strong_crop_scale"][0] <= 0.5
+    # ViT-B/16 (196 patches) keeps the reference's 50; an explicit value always wins
+    assert AdaptConfig().resolve(1000, image_size=224, patches=196)["prompt_tokens"] == 50
+    explicit = AdaptConfig(prompt_tokens=7, strong_blur_sigma=(0.1, 2.0), pseudo_label_balance="none")
+    e = explicit.resolve(1000, image_size=32, patches=16)
+    assert (e["prompt_tokens"], e["strong_blur_sigma"], e["pseudo_label_balance"]) == (7, [0.1, 2.0], "none")
+    with pytest.raises(InvalidInputError):
+        AdaptConfig(recipe="fast")  # type: ignore[arg-type]
 
 
 def test_weak_view_matches_reference_transform(backbone, images):
@@ -241,9 +269,38 @@ def test_distribution_alignment_option_spreads_a_biased_teachers_pseudo_labels(b
     hist = {}
     for balance in ("none", "align"):
         cfg = AdaptConfig(
-            batch_size=len(images), max_steps=4, learning_rate=0.0, pseudo_label_balance=balance
+            recipe="paper",
+            batch_size=len(images),
+            max_steps=4,
+            learning_rate=0.0,
+            pseudo_label_balance=balance,
         )
         hist[balance] = adapt(backbone, biased, cache, CLASSES, cfg, seed=0).pseudo_label_histogram
     assert hist["none"][0] == sum(hist["none"])  # the method as published: class 0 takes everything
     assert max(hist["align"]) < sum(hist["align"])  # aligned: other classes get pseudo-labels too
-    assert AdaptConfig().pseudo_label_balance == "none"  # the faithful default is unchanged
+    assert AdaptConfig(recipe="paper").resolve(8)["pseudo_label_balance"] == "none"  # the method
+
+
+def test_alignment_prior_starts_from_a_teacher_pass_over_the_images(backbone, images, text_head):
+    """The default recipe's running prior starts as the teacher's mean probabilities over the images
+    (not one batch), and the warm-up draws no random numbers: the same pseudo-labels as a run whose
+    prior starts from the first batch, while that prior is the same."""
+    cache = ImageCache.from_pil(images, backbone.image_size)
+    views = ViewMaker(backbone.image_size, backbone.mean, backbone.std)
+    with torch.no_grad():
+        feats = torch.nn.functional.normalize(backbone.model.encode_image(views.weak(cache.data)), dim=-1)
+        expected = text_head(feats).softmax(1).mean(0)
+    priors: dict[str, list[float]] = {}
+
+    def keep(init: str):
+        def hook(step, total, snapshot):
+            if step == 1:
+                priors[init] = snapshot().teacher_prior
+
+        return hook
+
+    for init in ("pool", "first_batch"):
+        cfg = AdaptConfig(batch_size=4, max_steps=1, balance_momentum=1.0, balance_prior_init=init)
+        adapt(backbone, text_head, cache, CLASSES, cfg, seed=0, checkpoint=keep(init))
+    assert torch.allclose(torch.tensor(priors["pool"]), expected, atol=1e-5)
+    assert not torch.allclose(torch.tensor(priors["first_batch"]), expected, atol=1e-3)

@@ -1,0 +1,209 @@
+"""The guard: which classifier a user is served, with or without labels.
+
+A LaFTer run ends with three classifiers on the same frozen CLIP: zero-shot CLIP, the stage-1 text
+classifier and the adapted model. Self-training can make the adapted model worse than both (its
+pseudo-labels reinforce their own mistakes; a class can swallow them all), and a user must never be
+served a classifier worse than the free zero-shot one when the evidence says so.
+
+- **With a labelled evaluation split** the most accurate of the three on it is served
+  (``evaluate.select_best``), and the label-free decision is reported beside it.
+- **Without labels** the decision uses only the unlabeled images:
+
+  1. *collapse* (``evaluate.detect_collapse``): a class takes far more of the adapted model's
+     predictions than of zero-shot's, or the two agree on too few images; a collapsed model is never
+     served.
+  2. *cluster consistency*: CLIP's frozen image features put images of one class near each other
+     (the premise of every self-training method, and of the linear probe). For each classifier, the
+     share of each image's ``k`` nearest neighbours (cosine, frozen unprompted features) that get
+     the same predicted class, corrected for chance like Cohen's kappa (``(p_o - p_e) / (1 - p_e)``,
+     ``p_e`` = the chance that two images drawn from the classifier's own class shares agree), so
+     that predicting one class everywhere scores 0, not 1. The neighbourhoods are the same for all
+     three classifiers and none of them was trained on them.
+  3. the adapted model is served unless its consistency is below the best baseline's by more than
+     ``margin``; otherwise the baseline with the higher consistency is served, and the job says why.
+
+  Measured on bench/quality.py (docs/benchmarks.md): how often this picks the most accurate of the
+  three, and the worst loss against the best.
+
+Pure torch, no service code: the CLI and the worker both call ``evaluate_candidates``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lafter import evaluate
+from lafter.artifact import AdaptedModel
+from lafter.backbone import Backbone
+from lafter.predict import AdaptedClassifier
+from lafter.views import ImageCache, ViewMaker
+
+GUARD_IMAGES = 2000  # unlabeled images the guard looks at (evenly spaced over the set)
+NEIGHBOURS = 10
+# the adapted model is kept unless a baseline is this much more consistent (kappa units)
+MARGIN = 0.02
+
+
+@dataclass
+class Evaluation:
+    served: str  # "lafter" | "text_classifier" | "zero_shot"
+    reason: str
+    report: dict[str, Any]  # JSON-able: images, diagnostics, collapse, guard, labelled?, selection
+    warnings: list[dict[str, Any]] = field(default_factory=list)
+    probabilities: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+
+def neighbour_consistency(features: torch.Tensor, predictions: torch.Tensor, k: int = NEIGHBOURS) -> float:
+    """Chance-corrected share of each image's ``k`` nearest neighbours (cosine) that share its
+    predicted class: 1 = labels constant on every neighbourhood and spread over classes, 0 = no better
+    than labels drawn at random with the same class shares (a one-class classifier scores 0)."""
+    n = features.shape[0]
+    if n < 3:
+        return 0.0
+    k = max(1, min(k, n - 1))
+    f = torch.nn.functional.normalize(features.float(), dim=-1)
+    sims = f @ f.t()
+    sims.fill_diagonal_(-float("inf"))
+    idx = sims.topk(k, dim=1).indices
+    observed = float((predictions[idx] == predictions.unsqueeze(1)).float().mean())
+    shares = torch.bincount(predictions, minlength=int(predictions.max()) + 1).float() / n
+    expected = float((shares**2).sum())
+    if expected >= 1.0 - 1e-9:
+        return 0.0
+    return (observed - expected) / (1.0 - expected)
+
+
+@torch.no_grad()
+def base_features(backbone: Backbone, u8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Frozen, unprompted image features (weak view), as the zero-shot classifier sees them."""
+    views = ViewMaker(backbone.image_size, backbone.mean, backbone.std).to(backbone.device)
+    out = []
+    for start in range(0, u8.shape[0], batch_size):
+        x = views.weak(u8[start : start + batch_size].to(backbone.device))
+        with backbone.autocast():
+            out.append(backbone.model.encode_image(x).float().cpu())
+    return torch.cat(out)
+
+
+def _spread(n: int, cap: int) -> torch.Tensor:
+    if n <= cap:
+        return torch.arange(n)
+    return torch.linspace(0, n - 1, cap).round().long().unique()
+
+
+def _warning(code: str, message: str, **data: Any) -> dict[str, Any]:
+    return {"code": code, "message": message, **({"data": data} if data else {})}
+
+
+def label_free_choice(
+    consistency: Mapping[str, float], collapsed: bool, margin: float = MARGIN
+) -> tuple[str, str]:
+    """The guard's rule (module docstring) on precomputed scores: (kind served, reason)."""
+    baselines = {k: v for k, v in consistency.items() if k != "lafter"}
+    best_base = max(baselines, key=lambda k: (baselines[k], k == "text_classifier")) if baselines else None
+    shown = ", ".join(f"{k} {consistency[k]:.3f}" for k in evaluate.KINDS if k in consistency)
+    if "lafter" not in consistency:
+        assert best_base is not None
+        return best_base, f"no adapted model; {best_base} is the most consistent ({shown})"
+    if collapsed:
+        assert best_base is not None
+        return best_base, f"the adapted model collapsed; serving {best_base} (cluster consistency: {shown})"
+    if best_base is not None and consistency["lafter"] < consistency[best_base] - margin:
+        return best_base, (
+            f"the adapted model's predictions follow the image clusters less than {best_base}'s "
+            f"(cluster consistency: {shown}; margin {margin}); serving {best_base} instead of a model "
+            "that is likely worse"
+        )
+    return (
+        "lafter",
+        f"the adapted model's predictions are the most consistent with the image clusters ({shown})",
+    )
+
+
+def evaluate_candidates(
+    backbone: Backbone,
+    candidates: Mapping[str, AdaptedModel],
+    images: ImageCache,
+    eval_images: ImageCache | None = None,
+    eval_labels: Sequence[int] | None = None,
+    *,
+    max_images: int = GUARD_IMAGES,
+    margin: float = MARGIN,
+) -> Evaluation:
+    """Diagnose the candidates on (up to ``max_images`` of) the unlabeled ``images`` and pick the one to
+    serve: by accuracy when a labelled split is given, by the label-free guard otherwise."""
+    unknown = set(candidates) - set(evaluate.KINDS)
+    if unknown or not candidates:
+        raise ValueError(f"candidates must be among {evaluate.KINDS}, got {sorted(candidates)}")
+    names = list(next(iter(candidates.values())).class_names)
+    sample = images.data[_spread(len(images), max_images)]
+    classifiers = {kind: AdaptedClassifier(backbone, m) for kind, m in candidates.items()}
+    probs = {kind: clf.predict_uint8(sample) for kind, clf in classifiers.items()}
+    feats = base_features(backbone, sample)
+    consistency = {kind: neighbour_consistency(feats, p.argmax(1)) for kind, p in probs.items()}
+    collapse = (
+        evaluate.detect_collapse(probs["lafter"], probs["zero_shot"], names)
+        if "lafter" in probs and "zero_shot" in probs
+        else None
+    )
+    guard_kind, guard_reason = label_free_choice(
+        consistency, collapse is not None and collapse.collapsed, margin
+    )
+    report: dict[str, Any] = {
+        "images": int(sample.shape[0]),
+        "diagnostics": evaluate.diagnostics(probs, names),
+        "guard": {
+            "served": guard_kind,
+            "reason": guard_reason,
+            "cluster_consistency": {k: round(v, 4) for k, v in consistency.items()},
+            "neighbours": NEIGHBOURS,
+            "margin": margin,
+        },
+    }
+    if collapse is not None:
+        report["collapse"] = collapse.as_dict()
+    warnings: list[dict[str, Any]] = []
+    if collapse is not None and collapse.collapsed:
+        warnings.append(
+            _warning(
+                "collapse_suspected",
+                "possible self-training collapse: " + "; ".join(collapse.reasons),
+                **collapse.as_dict(),
+            )
+        )
+
+    labelled = eval_images is not None and eval_labels is not None and len(eval_labels) > 0
+    if labelled:
+        assert eval_images is not None and eval_labels is not None
+        if len(eval_images) != len(eval_labels):
+            raise ValueError("eval_images and eval_labels differ in length")
+        accuracies = {
+            kind: evaluate.accuracy(clf.predict_uint8(eval_images.data), list(eval_labels))
+            for kind, clf in classifiers.items()
+        }
+        selection = evaluate.select_best(accuracies, len(eval_labels))
+        served, reason = selection.kind, selection.reason
+        report["labelled"] = {
+            "images": len(eval_labels),
+            "accuracy": {k: round(v, 4) for k, v in accuracies.items()},
+            "guard_would_serve": guard_kind,
+        }
+        if selection.worse_than_baseline:
+            warnings.append(_warning("adaptation_worse", reason, served=served))
+    else:
+        served, reason = guard_kind, "no labelled evaluation split; label-free guard: " + guard_reason
+        if served != "lafter" and "lafter" in candidates:
+            warnings.append(
+                _warning(
+                    "adaptation_not_served",
+                    f"serving {served}, not the adapted model: {guard_reason}. Upload a small labelled "
+                    "evaluation split to decide on accuracy instead",
+                    served=served,
+                )
+            )
+    report["selection"] = {"served": served, "reason": reason}
+    return Evaluation(served=served, reason=reason, report=report, warnings=warnings, probabilities=probs)
