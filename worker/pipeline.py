@@ -37,27 +37,45 @@ from app.core.settings import Settings
 from app.core.storage import BlobStorage
 from app.datasets import repository as datasets
 from app.jobs import repository as jobs
+from app.jobs.schemas import HyperparametersIn, to_configs
 from app.jobs.tables import TERMINAL, Job
 from app.models.runtime import LRU
 from app.models.tables import Model, ModelArtifact
-from lafter import evaluate
 from lafter.artifact import AdaptedModel
 from lafter.backbone import Backbone
 from lafter.descriptions import DescriptionConfig, class_text, generate_descriptions
 from lafter.errors import Cancelled, InvalidInputError, LafterError
-from lafter.finetune import AdaptCheckpoint, AdaptConfig, AdaptResult, adapt
+from lafter.finetune import AdaptCheckpoint, AdaptResult, adapt
+from lafter.guard import evaluate_candidates
 from lafter.llm import LLMClient, LLMConfig
-from lafter.predict import AdaptedClassifier, ZeroShotClassifier
 from lafter.progress import ProgressEvent
 from lafter.text_cache import embed_sentences
-from lafter.text_classifier import TextClassifierConfig, TextClassifierResult, train_text_classifier
+from lafter.text_classifier import TextClassifierResult, train_text_classifier
 from lafter.views import ImageCache
 from worker.reporter import LIVE, JobReporter, JobWatch
 
 log = logging.getLogger(__name__)
 
-# Label-free diagnostics look at this many training images at most (three forward passes each).
-DIAGNOSTIC_IMAGES = 5000
+# What ``_echo`` takes from stage 2's resolved settings, beside the request's own keys.
+ECHOED_ADAPT = (
+    "recipe",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "prompt_tokens",
+    "label_smoothing",
+    "max_steps",
+    "pseudo_label_balance",
+    "balance_tau",
+    "balance_momentum",
+    "balance_prior_init",
+    "total_steps",
+    "steps_per_epoch",
+    "trainable_parameters",
+    "precision",
+    "device",
+)
 
 # Loaded base models of this worker process: a cache that says so (safe to lose, bounded).
 _BASES: LRU[str, Backbone] | None = None
@@ -291,7 +309,7 @@ def _execute(
 ) -> Outcome:
     cancel = watch.should_stop
     names = list(job.class_names)
-    hp = dict(job.hyperparameters)
+    text_config, adapt_config = to_configs(job.hyperparameters, job.recipe)
     warnings: list[dict[str, Any]] = []
     metrics: dict[str, Any] = {}
     timings: dict[str, float] = {}
@@ -372,14 +390,7 @@ def _execute(
             embeddings,
             desc.labels,
             len(names),
-            TextClassifierConfig(
-                steps=hp.get("text_steps", "auto"),
-                learning_rate=float(hp.get("text_learning_rate", 5e-4)),
-                weight_decay=float(hp.get("text_weight_decay", 0.01)),
-                noise_std=float(hp.get("noise_std", 0.1)),
-                label_smoothing=float(hp.get("label_smoothing", 0.1)),
-                init=hp.get("text_init", "default"),
-            ),
+            text_config,
             seed=job.seed,
             device=backbone.device,
             progress=reporter,
@@ -403,16 +414,6 @@ def _execute(
         )
     images = _load_images(storage, train_keys, backbone.image_size)
     t = time.perf_counter()
-    adapt_config = AdaptConfig(
-        epochs=hp.get("epochs", "auto"),
-        batch_size=hp.get("batch_size", "auto"),
-        learning_rate=float(hp.get("learning_rate", 5e-4)),
-        weight_decay=float(hp.get("weight_decay", 0.01)),
-        prompt_tokens=int(hp.get("prompt_tokens", 50)),
-        label_smoothing=float(hp.get("label_smoothing", 0.1)),
-        max_steps=hp.get("max_steps"),
-        pseudo_label_balance=hp.get("pseudo_label_balance", "none"),
-    )
     writer = CheckpointWriter(storage, settings, reporter, job.id, _inputs_digest(job, train_keys), text)
 
     def run_stage2(resume: AdaptCheckpoint | None) -> AdaptResult:
@@ -438,19 +439,7 @@ def _execute(
         reporter.log(f"the checkpoint does not fit this run ({exc}); stage 2 starts over", level="warning")
         result = run_stage2(None)
     timings["adapting"] = time.perf_counter() - t
-    resolved = {
-        **hp,
-        "text_steps": text.steps,
-        "epochs": result.epochs,
-        "batch_size": int(result.resolved["batch_size"]),
-        "max_steps": hp.get("max_steps"),
-        "total_steps": int(result.resolved["total_steps"]),
-        "steps_per_epoch": int(result.resolved["steps_per_epoch"]),
-        "trainable_parameters": int(result.resolved.get("trainable_parameters", 0)),
-        "precision": result.resolved.get("precision"),
-        "device": result.resolved.get("device"),
-        "pseudo_label_balance": result.resolved.get("pseudo_label_balance"),  # what stage 2 really used
-    }
+    resolved = _echo(job.hyperparameters, text, result)
     metrics["adapting"] = {
         "steps": result.steps,
         "images": len(images),
@@ -458,29 +447,15 @@ def _execute(
         "pseudo_label_histogram": dict(zip(names, result.pseudo_label_histogram, strict=True)),
         "final_loss": result.history[-1]["loss"] if result.history else None,
         "resumed_from_step": result.resumed_from_step,
+        # the adapted tensors, served or not: two runs of one request can be compared by this
+        "tensors_sha256": tensors_sha256(result.model.tensors),
     }
 
     # --- evaluating ------------------------------------------------------------------------
+    # Which classifier to serve is the library's decision (``lafter.guard``), the same one the
+    # command line makes: by accuracy on the labelled split when there is one, else label-free.
     reporter.start_stage("evaluating")
     t = time.perf_counter()
-    zero_shot = ZeroShotClassifier(backbone, names)
-    text_model = AdaptedModel.from_text_head(backbone.spec, names, text.head, metadata={"steps": text.steps})
-    classifiers: dict[str, AdaptedClassifier] = {
-        "zero_shot": zero_shot,
-        "text_classifier": AdaptedClassifier(backbone, text_model),
-        "lafter": AdaptedClassifier(backbone, result.model),
-    }
-    sample = images.data[:DIAGNOSTIC_IMAGES]
-    probs = {kind: clf.predict_uint8(sample) for kind, clf in classifiers.items()}
-    reporter(_point("evaluating", {}, step=1, total=2))
-    evaluation: dict[str, Any] = {
-        "images": int(sample.shape[0]),
-        "diagnostics": evaluate.diagnostics(probs, names),
-    }
-    collapse = evaluate.detect_collapse(probs["lafter"], probs["zero_shot"], names)
-    evaluation["collapse"] = collapse.as_dict()
-    served_kind = "lafter"
-
     index = {class_text(n).casefold(): i for i, n in enumerate(names)}
     labelled = [
         (key, index[class_text(label).casefold()])
@@ -496,59 +471,76 @@ def _execute(
                 "they were ignored",
             )
         )
-    if labelled:
-        eval_images = _load_images(storage, [k for k, _ in labelled], backbone.image_size)
-        y = torch.tensor([c for _, c in labelled])
-        accuracies = {
-            kind: evaluate.accuracy(clf.predict_uint8(eval_images.data), y)
-            for kind, clf in classifiers.items()
-        }
-        selection = evaluate.select_best(accuracies, len(labelled))
-        served_kind = selection.kind
-        evaluation["labelled"] = {
-            "images": len(labelled),
-            "accuracy": {k: round(v, 4) for k, v in accuracies.items()},
-        }
-        evaluation["selection"] = {"served": selection.kind, "reason": selection.reason}
-        if selection.worse_than_baseline:
-            warnings.append(_warning("adaptation_worse", selection.reason, served=selection.kind))
-        reporter.log(selection.reason, data={"accuracy": evaluation["labelled"]["accuracy"]})
-    else:
-        evaluation["selection"] = {
-            "served": "lafter",
-            "reason": "no labelled evaluation split: serving the adapted model; see diagnostics and collapse",
-        }
-        if collapse.collapsed:
-            message = (
-                "possible self-training collapse: "
-                + "; ".join(collapse.reasons)
-                + (
-                    ". Upload a small labelled evaluation split (split=eval) so the service can pick "
-                    "the best model, "
-                    "or compare with POST /v1/classify (zero-shot)"
-                )
-            )
-            warnings.append(_warning("collapse_suspected", message, **collapse.as_dict()))
-            reporter.log(message, level="warning")
+    eval_images = _load_images(storage, [k for k, _ in labelled], backbone.image_size) if labelled else None
+    reporter(_point("evaluating", {}, step=1, total=2))
+    candidates = {
+        "zero_shot": AdaptedModel.zero_shot(backbone, names),
+        "text_classifier": AdaptedModel.from_text_head(
+            backbone.spec, names, text.head, metadata={"steps": text.steps}
+        ),
+        "lafter": result.model,
+    }
+    chosen = evaluate_candidates(
+        backbone, candidates, images, eval_images, [c for _, c in labelled] if labelled else None
+    )
+    evaluation = chosen.report
+    warnings.extend(chosen.warnings)
+    reporter.log(
+        chosen.reason,
+        level="warning" if chosen.served != "lafter" else "info",
+        data={
+            "served": chosen.served,
+            **({"accuracy": evaluation["labelled"]["accuracy"]} if labelled else {}),
+        },
+    )
     timings["evaluating"] = time.perf_counter() - t
+    diagnostics = evaluation.get("diagnostics", {})
     metrics["evaluation"] = {
-        "mean_confidence": {k: v["mean_confidence"] for k, v in evaluation["diagnostics"].items()},
-        "agreement_with_zero_shot": collapse.agreement_with_zero_shot,
+        "mean_confidence": {k: v["mean_confidence"] for k, v in diagnostics.items()},
+        "agreement_with_zero_shot": diagnostics.get("lafter", {}).get("agreement_with_zero_shot"),
         **({"accuracy": evaluation["labelled"]["accuracy"]} if "labelled" in evaluation else {}),
     }
     metrics["seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    metrics["served"] = served_kind
+    metrics["served"] = chosen.served
+    # What else the tensors depend on: on a CPU, the intra-op thread count changes the order of
+    # floating-point sums (LAFTER_TORCH_THREADS; 0 leaves torch's default, the core count).
+    metrics["runtime"] = {
+        "device": str(backbone.device),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
 
-    if served_kind == "lafter":
-        served = result.model
-    elif served_kind == "text_classifier":
-        served = text_model
-    else:
-        served = classifiers["zero_shot"].adapted
+    served = candidates[chosen.served]
     served.metadata.update({"job_id": job.id, "descriptions_source": desc.source_used})
     return Outcome(
         served=served, metrics=metrics, evaluation=evaluation, warnings=warnings, hyperparameters=resolved
     )
+
+
+def _echo(submitted: dict[str, Any], text: TextClassifierResult, result: AdaptResult) -> dict[str, Any]:
+    """The job's hyperparameters as the run really used them: every "auto" and every recipe choice
+    resolved (stage 2's from ``AdaptResult.resolved``), plus what they resolved into (steps, the
+    trainable parameter count, the precision and device)."""
+    used = result.resolved
+    echoed = {key: used[key] for key in ECHOED_ADAPT if key in used}
+    return {
+        **{k: v for k, v in submitted.items() if k in HyperparametersIn.model_fields},
+        **echoed,
+        "text_steps": text.steps,
+        "strong_crop_scale": list(used["strong_crop_scale"]),
+        "strong_blur_sigma": list(used["strong_blur_sigma"]),
+    }
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors (name, dtype, shape and bytes, in name order): equal digests mean
+    bitwise equal tensors."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _point(stage: str, metrics: dict[str, Any], *, step: int = 1, total: int = 1) -> ProgressEvent:
@@ -605,11 +597,17 @@ def _register(job: Job, outcome: Outcome, sessions: sessionmaker[Session], repor
 
 
 def _image_keys(sessions: sessionmaker[Session], job: Job) -> tuple[list[str], list[tuple[str, str]]]:
-    """The storage keys of the training images, and (key, label) of the evaluation split."""
+    """The storage keys of the training images, and (key, label) of the evaluation split, both in
+    content order (the SHA-256 of the bytes; sorted here, not by the database's collation). Stage 2
+    draws its batches by position, so an order that followed uploads (row ids) would make the same
+    request on the same images train a different model when they were uploaded in another order or
+    into another dataset."""
     with sessions() as session:
         train_rows = datasets.train_images(session, job.dataset_id) if job.dataset_id else []
         eval_rows = datasets.eval_images(session, job.dataset_id) if job.dataset_id else []
-        return [r.storage_key for r in train_rows], [(r.storage_key, r.label or "") for r in eval_rows]
+        train = sorted(train_rows, key=lambda r: r.sha256)
+        evaluation = sorted(eval_rows, key=lambda r: r.sha256)
+        return [r.storage_key for r in train], [(r.storage_key, r.label or "") for r in evaluation]
 
 
 def _inputs_digest(job: Job, train_keys: list[str]) -> str:
@@ -618,6 +616,7 @@ def _inputs_digest(job: Job, train_keys: list[str]) -> str:
         "base_model": job.base_model,
         "class_names": list(job.class_names),
         "descriptions": job.descriptions,
+        "recipe": job.recipe,
         "hyperparameters": job.hyperparameters,
         "seed": job.seed,
         "images": train_keys,  # content-addressed keys

@@ -43,18 +43,21 @@ def add_counts(session: Session, dataset_id: str, train: int, evaluation: int, n
 
 
 def train_images(session: Session, dataset_id: str) -> Sequence[DatasetImage]:
+    """The training split in content order (SHA-256 of the bytes, unique in a dataset): the same
+    images give the same order whatever order, or dataset, they were uploaded in."""
     return session.scalars(
         select(DatasetImage)
         .where(DatasetImage.dataset_id == dataset_id, DatasetImage.split == "train")
-        .order_by(DatasetImage.id)
+        .order_by(DatasetImage.sha256)
     ).all()
 
 
 def eval_images(session: Session, dataset_id: str) -> Sequence[DatasetImage]:
+    """The evaluation split in content order, as ``train_images``."""
     return session.scalars(
         select(DatasetImage)
         .where(DatasetImage.dataset_id == dataset_id, DatasetImage.split == "eval")
-        .order_by(DatasetImage.id)
+        .order_by(DatasetImage.sha256)
     ).all()
 
 

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import MISSING, fields
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, UrlConstraints
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, UrlConstraints, ValidationInfo, field_validator
 
 from app.core.fields import JsonObject, Text
+from lafter.finetune import AdaptConfig, Recipe
+from lafter.text_classifier import TextClassifierConfig
 
 Auto = Literal["auto"]
 JobStatus = Literal["queued", "running", "cancelling", "succeeded", "failed", "cancelled"]
@@ -20,34 +24,124 @@ class DescriptionsIn(BaseModel):
     provided: dict[Text, list[Text]] | None = None
 
 
+def _default(config: type, name: str) -> Any:
+    """A library dataclass field's default: the service states no default of its own."""
+    for f in fields(config):
+        if f.name == name:
+            if f.default is MISSING:
+                raise TypeError(f"{config.__name__}.{name} has no plain default")
+            return f.default
+    raise TypeError(f"{config.__name__} has no field {name!r}")
+
+
+# Integer hyperparameters: inclusive bounds, checked at submit (422 naming the field).
+COUNT_BOUNDS: dict[str, tuple[int, int]] = {
+    "text_steps": (1, 100_000),
+    "epochs": (1, 1000),
+    "batch_size": (1, 4096),
+    "prompt_tokens": (1, 1000),
+    "max_steps": (1, 10**7),
+}
+
+
+def _count(name: str, value: Any) -> Any:
+    """An integer within ``COUNT_BOUNDS[name]`` or "auto"; checked before pydantic's union, so the
+    error names the field itself (not one branch of ``int | "auto"``)."""
+    low, high = COUNT_BOUNDS[name]
+    auto = name != "max_steps"  # max_steps is a number or null (no cap)
+    if (value == "auto" and auto) or (value is None and not auto):
+        return value
+    integral = isinstance(value, float) and value.is_integer()
+    if integral or (isinstance(value, str) and value.strip().isdecimal()):
+        value = int(value)
+    alternative = "'auto'" if auto else "null"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer or {alternative}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, or {alternative}")
+    return value
+
+
 class HyperparametersIn(BaseModel):
-    """Each value is "auto" (resolved by the library and echoed back on the job) or a number."""
+    """Each value is "auto" (resolved by the library and the job's ``recipe``, and echoed back on the
+    job, resolved) or a value, which always wins over the recipe. Defaults are the library's
+    (``lafter.text_classifier.TextClassifierConfig``, ``lafter.finetune.AdaptConfig``)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    text_steps: int | Auto = Field(default="auto", description="stage 1 steps")
-    text_learning_rate: float = Field(default=5e-4, gt=0, le=1)
-    text_weight_decay: float = Field(default=0.01, ge=0, le=1)
-    noise_std: float = Field(default=0.1, ge=0, le=10)
-    text_init: Literal["default", "zeroshot"] = "default"
-    epochs: int | Auto = "auto"
-    batch_size: int | Auto = "auto"
-    learning_rate: float = Field(default=5e-4, gt=0, le=1)
-    weight_decay: float = Field(default=0.01, ge=0, le=1)
-    prompt_tokens: int = Field(default=50, ge=1, le=1000)
-    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
-    max_steps: int | None = Field(default=None, ge=1, description="cap on stage 2 optimiser steps")
-    pseudo_label_balance: Literal["none", "align"] = Field(
-        default="none",
-        description="'none' is the method; 'align' divides the teacher's probabilities by their running "
-        "mean (distribution alignment) so a biased teacher does not starve classes",
+    text_steps: int | Auto = Field(
+        default=_default(TextClassifierConfig, "steps"), description="stage 1 steps (<= 100000)"
+    )
+    text_learning_rate: float = Field(default=_default(TextClassifierConfig, "learning_rate"), gt=0, le=1)
+    text_weight_decay: float = Field(default=_default(TextClassifierConfig, "weight_decay"), ge=0, le=1)
+    noise_std: float = Field(default=_default(TextClassifierConfig, "noise_std"), ge=0, le=10)
+    text_init: Literal["default", "zeroshot"] = _default(TextClassifierConfig, "init")
+    epochs: int | Auto = Field(
+        default=_default(AdaptConfig, "epochs"), description="stage 2 epochs (<= 1000)"
+    )
+    batch_size: int | Auto = Field(default=_default(AdaptConfig, "batch_size"), description="<= 4096")
+    learning_rate: float = Field(default=_default(AdaptConfig, "learning_rate"), gt=0, le=1)
+    weight_decay: float = Field(default=_default(AdaptConfig, "weight_decay"), ge=0, le=1)
+    prompt_tokens: int | Auto = Field(
+        default=_default(AdaptConfig, "prompt_tokens"),
+        description="visual prompt tokens (<= 1000); 'auto': the recipe's (paper: 50; default: from "
+        "the image tower's patch count)",
+    )
+    label_smoothing: float = Field(
+        default=_default(AdaptConfig, "label_smoothing"), ge=0, lt=1, description="stages 1 and 2"
+    )
+    max_steps: int | None = Field(
+        default=_default(AdaptConfig, "max_steps"), description="cap on stage 2 optimiser steps (<= 10^7)"
+    )
+    pseudo_label_balance: Literal["none", "align", "auto"] = Field(
+        default=_default(AdaptConfig, "pseudo_label_balance"),
+        description="'none' is the method (hard argmax); 'align' divides the teacher's probabilities by "
+        "their running mean (distribution alignment) so a biased teacher does not starve classes; "
+        "'auto': the recipe's (paper: 'none'; default: 'align')",
+    )
+    balance_tau: float = Field(
+        default=_default(AdaptConfig, "balance_tau"),
+        gt=0,
+        le=2,
+        description="strength of 'align': log p - tau * log(running mean)",
     )
 
-    def model_post_init(self, _context: Any) -> None:
-        for name in ("text_steps", "epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, int) and value < 1:
-                raise ValueError(f"{name} must be >= 1 or 'auto'")
+    @field_validator(*COUNT_BOUNDS, mode="before")
+    @classmethod
+    def _counts(cls, value: Any, info: ValidationInfo) -> Any:
+        return _count(str(info.field_name), value)
+
+
+def to_configs(
+    hp: HyperparametersIn | Mapping[str, Any], recipe: str
+) -> tuple[TextClassifierConfig, AdaptConfig]:
+    """The library configs of a job: the one place a request's hyperparameters become lafter's.
+    ``hp`` may be a stored job's dict (keys this version does not know are ignored)."""
+    if not isinstance(hp, HyperparametersIn):
+        hp = HyperparametersIn.model_validate(
+            {k: v for k, v in hp.items() if k in HyperparametersIn.model_fields}
+        )
+    text = TextClassifierConfig(
+        steps=hp.text_steps,
+        learning_rate=hp.text_learning_rate,
+        weight_decay=hp.text_weight_decay,
+        noise_std=hp.noise_std,
+        label_smoothing=hp.label_smoothing,
+        init=hp.text_init,
+    )
+    adapt = AdaptConfig(
+        recipe=recipe,  # type: ignore[arg-type]  # AdaptConfig refuses an unknown recipe
+        epochs=hp.epochs,
+        batch_size=hp.batch_size,
+        learning_rate=hp.learning_rate,
+        weight_decay=hp.weight_decay,
+        prompt_tokens=hp.prompt_tokens,
+        label_smoothing=hp.label_smoothing,
+        max_steps=hp.max_steps,
+        pseudo_label_balance=hp.pseudo_label_balance,
+        balance_tau=hp.balance_tau,
+    )
+    return text, adapt
 
 
 class JobCreate(BaseModel):
@@ -61,6 +155,12 @@ class JobCreate(BaseModel):
         description="any spec lafter accepts; see GET /v1/base-models",
     )
     descriptions: DescriptionsIn = Field(default_factory=DescriptionsIn)
+    recipe: Recipe = Field(
+        default=_default(AdaptConfig, "recipe"),
+        description="stage 2's recipe for every 'auto' hyperparameter: 'paper' is the reference "
+        "(LaFTer's published defaults), 'default' the product's (scaled to the model, debiased "
+        "pseudo-labels); see lafter/finetune.py",
+    )
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     metadata: JsonObject = Field(default_factory=dict)
@@ -89,6 +189,7 @@ class JobOut(BaseModel):
     base_model: str
     class_names: list[str]
     descriptions: dict[str, Any]
+    recipe: str
     progress: Progress
     hyperparameters: dict[str, Any]
     seed: int

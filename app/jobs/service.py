@@ -22,9 +22,10 @@ from app.core.ids import new_id
 from app.core.settings import Settings, get_settings
 from app.datasets import repository as datasets
 from app.jobs import repository
-from app.jobs.schemas import JobCreate, JobError, JobOut, Progress
+from app.jobs.schemas import JobCreate, JobError, JobOut, Progress, to_configs
 from app.jobs.tables import TERMINAL, Job
 from lafter.descriptions import class_text
+from lafter.errors import LafterError
 
 
 def _validate_class_names(raw: list[str], settings: Settings) -> list[str]:
@@ -146,6 +147,10 @@ def create(
         )
     spec = validate_spec(body.base_model, settings)
     descriptions = _validate_descriptions(body, names, settings)
+    try:
+        to_configs(body.hyperparameters, body.recipe)  # what the worker will build: refused now, not then
+    except LafterError as exc:
+        raise Invalid(str(exc), code="hyperparameters_invalid", field="hyperparameters") from exc
 
     now = utcnow()
     job = Job(
@@ -156,6 +161,7 @@ def create(
         base_model=spec,
         class_names=names,
         descriptions=descriptions,
+        recipe=body.recipe,
         hyperparameters=body.hyperparameters.model_dump(),
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
@@ -235,6 +241,7 @@ def to_out(job: Job) -> JobOut:
         base_model=job.base_model,
         class_names=list(job.class_names),
         descriptions=job.descriptions,
+        recipe=job.recipe,
         progress=Progress(
             percent=round(job.percent, 2),
             stage_percent=round(job.stage_percent, 2),

@@ -33,6 +33,9 @@ class Job(Base):
     class_names: Mapped[list[Any]] = mapped_column()
     descriptions: Mapped[dict[str, Any]] = mapped_column(default=dict)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Stage 2's recipe ("default" | "paper"). The API always sets it; rows that predate the column
+    # read "paper", which is what the worker ran then (50 prompt tokens, no pseudo-label balancing).
+    recipe: Mapped[str] = mapped_column(String(16), server_default="paper")
     seed: Mapped[int] = mapped_column(BigInteger)
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", default=dict)
     webhook_url: Mapped[str | None] = mapped_column(String(2000), default=None)

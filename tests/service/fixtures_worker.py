@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import uuid
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ import sqlalchemy as sa
 
 from tests.service.conftest import ADMIN_URL, MIN_IMAGES
 from tests.service.helpers import (
+    LONG_HP,
     REPO,
     TINY_HP,
     TINY_SPEC,
@@ -50,8 +52,6 @@ CAP = 1
 REAP_BOUND_S = HEARTBEAT_TIMEOUT_S + 2 * REAPER_INTERVAL_S + 6.0
 
 FINAL = {"succeeded", "failed", "cancelled"}
-# Thousands of tiny steps (~30 ms each on one CPU thread): a job that runs until it is stopped.
-LONG_HP: dict[str, Any] = {**TINY_HP, "epochs": 100_000, "max_steps": None}
 
 
 @dataclass
@@ -249,7 +249,9 @@ class Stack:
         self.clients.append(client)
         ds = client.post("/v1/datasets", json={"name": f"{owner} photos"})
         assert ds.status_code == 201, ds.text
-        r = upload(client, ds.json()["id"], two_class_images(images, offset=abs(hash(owner)) % 10_000))
+        r = upload(
+            client, ds.json()["id"], two_class_images(images, offset=zlib.crc32(owner.encode()) % 10_000)
+        )
         assert r.status_code == 200, r.text
         return Tenant(owner, client, ds.json()["id"])
 

@@ -30,6 +30,9 @@ TINY_HP: dict[str, Any] = {
     "max_steps": 2,
     "prompt_tokens": 4,
 }
+# A job that runs until it is stopped: the most epochs a job may ask for (1000) at batch 1, i.e.
+# 1000 x (images) tiny steps (~10-30 ms each on one CPU thread).
+LONG_HP: dict[str, Any] = {**TINY_HP, "epochs": 1000, "batch_size": 1, "max_steps": None}
 
 
 def png(seed: int, color: tuple[int, int, int] = (200, 30, 30), size: int = 40) -> bytes:

@@ -145,6 +145,44 @@ def test_schema_errors_name_the_field(
     assert problem(r, 422, "validation_error")["field"] == "dataset_id"
 
 
+@pytest.mark.parametrize(
+    ("hyperparameters", "field"),
+    [
+        ({"epochs": 1001}, "hyperparameters.epochs"),
+        ({"epochs": 0}, "hyperparameters.epochs"),
+        ({"text_steps": 100_001}, "hyperparameters.text_steps"),
+        ({"max_steps": 10**7 + 1}, "hyperparameters.max_steps"),
+        ({"max_steps": "auto"}, "hyperparameters.max_steps"),
+        ({"batch_size": 4097}, "hyperparameters.batch_size"),
+        ({"batch_size": True}, "hyperparameters.batch_size"),
+        ({"prompt_tokens": 1001}, "hyperparameters.prompt_tokens"),
+        ({"prompt_tokens": "many"}, "hyperparameters.prompt_tokens"),
+        ({"epochs": 10**30}, "hyperparameters.epochs"),
+        ({"balance_tau": 0}, "hyperparameters.balance_tau"),
+        ({"balance_tau": 2.01}, "hyperparameters.balance_tau"),
+        ({"learning_rate": 0}, "hyperparameters.learning_rate"),
+        ({"pseudo_label_balance": "sometimes"}, "hyperparameters.pseudo_label_balance"),
+    ],
+)
+def test_hyperparameters_are_bounded_at_submit(
+    service: Service,
+    ready_dataset: dict[str, Any],
+    unchanged: None,
+    hyperparameters: dict[str, Any],
+    field: str,
+) -> None:
+    body = job_body(ready_dataset["id"], hyperparameters={**TINY_HP, **hyperparameters})
+    r = service.client.post("/v1/jobs", json=body)
+    problem_body = problem(r, 422, "validation_error")
+    assert problem_body["field"] == field, problem_body
+    assert field.split(".")[-1] in problem_body["detail"]
+
+
+def test_unknown_recipe_is_refused(service: Service, ready_dataset: dict[str, Any], unchanged: None) -> None:
+    r = service.client.post("/v1/jobs", json=job_body(ready_dataset["id"], recipe="fast"))
+    assert problem(r, 422, "validation_error")["field"] == "recipe"
+
+
 def test_unknown_ids_are_404(service: Service) -> None:
     problem(service.client.get("/v1/jobs/job_nope"), 404, "job_not_found")
     problem(service.client.get("/v1/models/model_nope"), 404, "model_not_found")

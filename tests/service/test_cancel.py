@@ -64,7 +64,7 @@ def test_a_cancelled_job_leaves_no_tensors_behind(stack: Stack) -> None:
     images, prompt_tokens = 11, 7  # shapes no other test's tensors have
     stack.stop_workers()  # this process takes the job instead
     tenant = stack.tenant("cancel-memory", images=images)
-    hp = {**TINY_HP, "epochs": 100_000, "max_steps": None, "prompt_tokens": prompt_tokens, "batch_size": 4}
+    hp = {**TINY_HP, "epochs": 1000, "max_steps": None, "prompt_tokens": prompt_tokens, "batch_size": 4}
     job = tenant.submit(hyperparameters=hp)
 
     engine = make_engine(stack.db_url)

@@ -78,6 +78,10 @@ def test_job_reports_progress_and_resolved_hyperparameters(service: Service, tra
     assert hp["text_steps"] == 5 and hp["epochs"] == 1 and hp["batch_size"] == 4
     assert hp["total_steps"] == 2 and hp["trainable_parameters"] > 0
     assert hp["pseudo_label_balance"] == "align"  # the option reaches stage 2 and is echoed back
+    # No recipe asked: the default one, echoed with what it resolved (the request's values win).
+    assert job["recipe"] == hp["recipe"] == "default"
+    assert hp["prompt_tokens"] == 4 and hp["balance_prior_init"] == "pool"
+    assert len(hp["strong_crop_scale"]) == len(hp["strong_blur_sigma"]) == 2
     assert job["metrics"]["descriptions"]["source_used"] == "llm"
     with service.engine.connect() as conn:
         row = conn.execute(

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from tests.service.conftest import MIN_IMAGES, Service
-from tests.service.helpers import TINY_HP, TINY_SPEC, poll_job, two_class_images, upload, wait_for
+from tests.service.helpers import LONG_HP, TINY_HP, TINY_SPEC, poll_job, two_class_images, upload, wait_for
 
 FINAL = {"succeeded", "failed", "cancelled"}
 
@@ -75,8 +75,7 @@ def test_second_job_with_same_classes_hits_both_caches(service: Service, dataset
 
 
 def test_cancel_queued_and_running_jobs(service: Service, dataset: dict[str, Any]) -> None:
-    long_hp = {**TINY_HP, "epochs": 100_000, "max_steps": None}
-    running = submit(service, dataset["id"], hyperparameters=long_hp)
+    running = submit(service, dataset["id"], hyperparameters=LONG_HP)
     queued = submit(service, dataset["id"])
 
     # The worker takes one job at a time, so the second waits in the queue: cancelling it is immediate.
