@@ -12,7 +12,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.base_models.router import router as base_models_router
-from app.core.auth import current_owner
+from app.core.auth import KeyFirst, current_owner
 from app.core.errors import install_error_handlers, problem
 from app.core.limits import BodyLimitMiddleware
 from app.core.metrics import HTTP_LATENCY, HTTP_REQUESTS
@@ -118,12 +118,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
 
+    # Outermost last: metrics, then the key (before any body is read), then the body limit.
     app.add_middleware(RejectNulInUrl)
-    app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(app, scope))
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
+    app.add_middleware(KeyFirst, settings=settings)
+    app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(app, scope))
     app.include_router(health_router)  # /healthz, /readyz, /metrics: public
-    # Every /v1 route authenticates first (before its body is validated), even one that forgets to
-    # ask for the owner itself; the dependency runs once per request.
+    # Every /v1 request is authenticated by ``KeyFirst`` before its body is read; the dependency
+    # hands its owner to the routes (and checks the key itself where the middleware is absent), even
+    # to one that forgets to ask for the owner itself.
     for router in (datasets_router, jobs_router, models_router, base_models_router):
         app.include_router(router, dependencies=[Depends(current_owner)])
     return app

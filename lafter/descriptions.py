@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
@@ -277,38 +278,66 @@ class Descriptions:
 # validation
 
 
-def _identity(name: str) -> str:
-    """Two class names are the same class if they read the same in a sentence."""
-    return class_text(name).casefold()
+# Characters Unicode files as letters or symbols that render as nothing (Hangul fillers, the blank
+# Braille pattern): a name made of them is as invisible as an empty one.
+_BLANK = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def _invisible(ch: str) -> bool:
+    """Format characters (Cf: zero-width spaces and joiners, bidi marks, soft hyphens) and control
+    characters other than whitespace: nothing a reader sees, so nothing that tells classes apart."""
+    category = unicodedata.category(ch)
+    return category == "Cf" or (category == "Cc" and not ch.isspace())
+
+
+def normalize_class_name(name: str) -> str:
+    """A class name as it is stored and compared: NFKC (full-width and other compatibility forms
+    become the plain ones, "\uff43\uff41\uff54" -> "cat"), invisible characters removed, surrounding
+    whitespace trimmed. "" when nothing visible is left (spaces, combining marks, fillers only), so
+    such a name is refused as empty. The one place these rules live (the service uses them too)."""
+    text = unicodedata.normalize("NFKC", name)
+    text = unicodedata.normalize("NFKC", "".join(ch for ch in text if not _invisible(ch))).strip()
+    visible = any(unicodedata.category(ch)[0] in "LNPS" and ch not in _BLANK for ch in text)
+    return text if visible else ""
+
+
+def class_key(name: str) -> str:
+    """Two class names are the same class when their keys are equal: the same once normalised
+    (``normalize_class_name``) and read in a sentence (``class_text``: underscores and runs of
+    whitespace as one space), ignoring case."""
+    return class_text(normalize_class_name(name)).casefold()
 
 
 def validate_class_names(class_names: Sequence[str]) -> list[str]:
-    """Trimmed names; refuses empties, duplicates and fewer than two classes, because each breaks
-    training in a way that is much harder to understand later (a class that can never win, two
-    heads fighting over identical text, a one-way softmax)."""
+    """Normalised names (``normalize_class_name``); refuses empty or invisible names, duplicates
+    (``class_key``) and fewer than two classes, because each breaks training in a way that is much
+    harder to understand later (a class that can never win, two heads fighting over identical
+    text, a one-way softmax)."""
     if isinstance(class_names, str):
         raise InvalidInputError("class_names must be a list of names, not a single string")
-    names = [name.strip() if isinstance(name, str) else name for name in class_names]
-    not_text = [i for i, name in enumerate(names) if not isinstance(name, str)]
+    not_text = [i for i, name in enumerate(class_names) if not isinstance(name, str)]
     if not_text:
         raise InvalidInputError(f"class names must be strings; positions {not_text[:10]} are not")
+    names = [normalize_class_name(name) for name in class_names]
     empty = [i for i, name in enumerate(names) if not class_text(name)]
     if empty:
-        raise InvalidInputError(f"class names must not be empty; positions {empty[:10]} are empty")
+        raise InvalidInputError(
+            f"class names must not be empty or invisible; positions {empty[:10]} are empty"
+        )
     if len(names) < 2:
         raise InvalidInputError(f"need at least 2 classes to classify, got {len(names)}")
     first_seen: dict[str, str] = {}
     duplicates: list[str] = []
     for name in names:
-        key = _identity(name)
+        key = class_key(name)
         if key in first_seen:
             duplicates.append(f"{first_seen[key]!r} / {name!r}")
         else:
             first_seen[key] = name
     if duplicates:
         raise InvalidInputError(
-            "class names must be unique (ignoring case, surrounding spaces and underscores): "
-            + ", ".join(duplicates[:10])
+            "class names must be unique (ignoring case, spaces, underscores, invisible characters and "
+            "full-width forms): " + ", ".join(duplicates[:10])
         )
     return names
 
@@ -316,11 +345,11 @@ def validate_class_names(class_names: Sequence[str]) -> list[str]:
 def _validate_provided(provided: Mapping[str, Any], names: list[str]) -> list[list[str]]:
     if not isinstance(provided, Mapping):
         raise InvalidInputError("provided sentences must be a mapping of class name -> list of sentences")
-    index = {_identity(name): i for i, name in enumerate(names)}
+    index = {class_key(name): i for i, name in enumerate(names)}
     per_class: list[list[str]] = [[] for _ in names]
     unknown: list[str] = []
     for key, sentences in provided.items():
-        position = index.get(_identity(key)) if isinstance(key, str) else None
+        position = index.get(class_key(key)) if isinstance(key, str) else None
         if position is None:
             unknown.append(repr(key))
             continue
@@ -531,9 +560,11 @@ __all__ = [
     "DescriptionConfig",
     "Descriptions",
     "article_for",
+    "class_key",
     "class_text",
     "fill",
     "generate_descriptions",
+    "normalize_class_name",
     "question_prompts",
     "template_sentences",
     "templates_for",

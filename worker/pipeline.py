@@ -28,9 +28,11 @@ from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.base_models.service import allowed
 from app.caches.store import DbDescriptionCache, DbEmbeddingCache
 from app.core.backbones import load_base
 from app.core.db import utcnow
+from app.core.errors import ApiError
 from app.core.ids import new_id
 from app.core.reaper import dispatch
 from app.core.settings import Settings
@@ -43,7 +45,7 @@ from app.models.runtime import LRU
 from app.models.tables import Model, ModelArtifact
 from lafter.artifact import AdaptedModel
 from lafter.backbone import Backbone
-from lafter.descriptions import DescriptionConfig, class_text, generate_descriptions
+from lafter.descriptions import DescriptionConfig, class_key, generate_descriptions
 from lafter.errors import Cancelled, InvalidInputError, LafterError
 from lafter.finetune import AdaptCheckpoint, AdaptResult, adapt
 from lafter.guard import evaluate_candidates
@@ -82,7 +84,13 @@ _BASES: LRU[str, Backbone] | None = None
 
 
 def _backbone(spec: str, settings: Settings) -> Backbone:
+    """The job's base model, if this deployment allows it (the API checked at submit; a job queued
+    before the deployment's allow-list changed is checked again here, before any file is read)."""
     global _BASES
+    try:
+        allowed(spec, settings)
+    except ApiError as exc:
+        raise StageError(exc.code, exc.message) from None
     if _BASES is None:
         _BASES = LRU(settings.base_model_cache_size)
     return _BASES.get_or_load(spec, lambda: load_base(spec, settings, device=settings.device))
@@ -235,14 +243,18 @@ def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session], st
             f"in {reporter.stage}; lower epochs or max_steps",
             "level": "error",
         }
-    except Exception as exc:
-        log.exception("job %s failed unexpectedly in %s", job_id, reporter.stage)
+    except Exception:
+        # What went wrong stays in the worker's log, found by the error id: an exception's text can
+        # hold SQL, parameters, server paths or another owner's data, so the job shows none of it.
+        error_id = new_id("err")
+        log.exception("job %s failed unexpectedly in %s (error id %s)", job_id, reporter.stage, error_id)
         final = {
             "status": "failed",
             "code": "internal_error",
-            "message": f"unexpected error in stage {reporter.stage}: {type(exc).__name__}: {str(exc)[:300]}; "
-            "the worker log has the details",
+            "message": f"unexpected internal error in stage {reporter.stage} (error id {error_id}); "
+            "the service's operator can look it up in the worker log",
             "level": "error",
+            "data": {"error_id": error_id},
         }
     # The exception (and its traceback, which held the frames that held the images, the model
     # state and the optimiser) is gone once its ``except`` block ends: free that memory now, before
@@ -253,10 +265,9 @@ def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session], st
             log.warning("job %s: attempt %d lost the job to the reaper; leaving it alone", job_id, attempt)
             return "lost"
         status = final.pop("status")
+        data = {**memory, **final.pop("data", {})}
         outcome = (
-            status
-            if _set_final(sessions, job_id, attempt, status, data=memory or None, **final)
-            else "skipped"
+            status if _set_final(sessions, job_id, attempt, status, data=data or None, **final) else "skipped"
         )
     if outcome in TERMINAL:
         _delete_checkpoint(storage, job_id)
@@ -456,12 +467,8 @@ def _execute(
     # command line makes: by accuracy on the labelled split when there is one, else label-free.
     reporter.start_stage("evaluating")
     t = time.perf_counter()
-    index = {class_text(n).casefold(): i for i, n in enumerate(names)}
-    labelled = [
-        (key, index[class_text(label).casefold()])
-        for key, label in eval_items
-        if class_text(label).casefold() in index
-    ]
+    index = {class_key(n): i for i, n in enumerate(names)}
+    labelled = [(key, index[class_key(label)]) for key, label in eval_items if class_key(label) in index]
     unknown = len(eval_items) - len(labelled)
     if unknown:
         warnings.append(

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from fastapi import Depends, Request
 from fastapi.security import HTTPBearer
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.core.db import get_session
-from app.core.errors import Unauthorized
+from app.core.db import get_session, get_sessionmaker
+from app.core.errors import Unauthorized, database_error, problem
 from app.core.settings import Settings, get_settings
 from app.keys import service as keys
 
@@ -35,15 +38,14 @@ class Owner:
     id: str
 
 
-def current_owner(
-    request: Request,
-    _scheme: object = Depends(bearer_scheme),
-    settings: Settings = Depends(get_settings),
-    session: Session = Depends(get_session),
-) -> Owner:
+# Where ``KeyFirst`` leaves the owner it found, in the request's ASGI scope.
+OWNER_STATE = "lafter_owner"
+
+
+def authenticate(header: str | None, settings: Settings, session: Session) -> Owner:
+    """The owner an ``Authorization`` header proves, or ``Unauthorized``."""
     if settings.auth == "off":
         return Owner(id=settings.default_owner_id)
-    header = request.headers.get("authorization")
     if header is None or not header.strip():
         raise Unauthorized(
             "this API needs a key: send 'Authorization: Bearer <api key>' "
@@ -60,3 +62,58 @@ def current_owner(
     if key.revoked_at is not None:
         raise Unauthorized(f"API key {key.id} was revoked")
     return Owner(id=key.owner_id)
+
+
+def current_owner(
+    request: Request,
+    _scheme: object = Depends(bearer_scheme),
+    settings: Settings = Depends(get_settings),
+    session: Session = Depends(get_session),
+) -> Owner:
+    checked = request.scope.get("state", {}).get(OWNER_STATE)
+    if isinstance(checked, Owner):  # ``KeyFirst`` checked this request's key before its body
+        return checked
+    return authenticate(request.headers.get("authorization"), settings, session)
+
+
+class KeyFirst:
+    """Checks the API key of every ``/v1`` request before any of its body is read (pure ASGI, in
+    front of the body limit and the routes): FastAPI reads and parses a body before it runs a route's
+    dependencies, so without this a request with no key could make the API read, spool and parse
+    hundreds of megabytes before its 401. A refused request's body is never read, and its connection
+    is closed after the answer (``Connection: close``) rather than drained. The owner found is handed
+    to ``current_owner`` in the request's scope, so the key is looked up once."""
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app = app
+        self.settings = settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = str(scope.get("path", ""))
+        if (
+            scope["type"] != "http"
+            or self.settings.auth == "off"
+            or not (path == "/v1" or path.startswith("/v1/"))
+        ):
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            owner = await run_in_threadpool(self._check, headers.get("authorization"))
+        except Unauthorized as exc:
+            response = problem(
+                exc.status, exc.code, exc.message, title=exc.title, instance=path, headers=exc.headers
+            )
+        except Exception as exc:  # a database that cannot be reached: 503, like every other route
+            response = database_error(str(scope.get("method", "")), path, exc)
+        else:
+            scope.setdefault("state", {})[OWNER_STATE] = owner
+            await self.app(scope, receive, send)
+            return
+        if headers.get("content-length", "0") != "0" or "transfer-encoding" in headers:
+            response.headers["connection"] = "close"  # its body was not read: this connection is done
+        await response(scope, receive, send)
+
+    def _check(self, header: str | None) -> Owner:
+        with get_sessionmaker()() as session:
+            return authenticate(header, self.settings, session)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.core.ids import new_id
 from lafter.errors import LafterError
 
 log = logging.getLogger(__name__)
@@ -141,6 +142,37 @@ def is_database_unavailable(exc: BaseException) -> bool:
     return False
 
 
+def internal_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """500 ``internal_error``. The details (which may hold SQL, parameters or server paths) go to
+    the log only, found by the error id the client gets."""
+    error_id = new_id("err")
+    log.error("unhandled error on %s %s (error id %s)", method, path, error_id, exc_info=exc)
+    return problem(
+        500,
+        "internal_error",
+        f"internal error (error id {error_id}); the operator can look it up in the server log",
+        instance=path,
+        extra={"error_id": error_id},
+    )
+
+
+def database_error(method: str, path: str, exc: BaseException) -> JSONResponse:
+    """503 ``database_unavailable`` for a database that cannot be reached, else 500."""
+    if not is_database_unavailable(exc):
+        return internal_error(method, path, exc)
+    # Expected while the database is down or restarting; the pool reconnects by itself.
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    log.warning("database unavailable on %s %s: %s", method, path, reason[0] if reason else exc)
+    return problem(
+        503,
+        "database_unavailable",
+        f"the database cannot be reached right now; retry in {DB_RETRY_AFTER_S} s",
+        title="Service unavailable",
+        instance=path,
+        headers={"Retry-After": str(DB_RETRY_AFTER_S)},
+    )
+
+
 def _field_of(loc: tuple[Any, ...] | list[Any]) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header", "form")]
     return ".".join(parts) or ".".join(str(p) for p in loc)
@@ -161,30 +193,12 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return problem(500, "internal_error", "internal error; see the server log", instance=request.url.path)
+        return internal_error(request.method, request.url.path, exc)
 
     app.add_exception_handler(Exception, _unexpected)
 
     async def _database(request: Request, exc: Exception) -> JSONResponse:
-        if not is_database_unavailable(exc):
-            return await _unexpected(request, exc)
-        # Expected while the database is down or restarting; the pool reconnects by itself.
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        log.warning(
-            "database unavailable on %s %s: %s",
-            request.method,
-            request.url.path,
-            reason[0] if reason else exc,
-        )
-        return problem(
-            503,
-            "database_unavailable",
-            f"the database cannot be reached right now; retry in {DB_RETRY_AFTER_S} s",
-            title="Service unavailable",
-            instance=request.url.path,
-            headers={"Retry-After": str(DB_RETRY_AFTER_S)},
-        )
+        return database_error(request.method, request.url.path, exc)
 
     app.add_exception_handler(sa_exc.DBAPIError, _database)
     app.add_exception_handler(sa_exc.TimeoutError, _database)

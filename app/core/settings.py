@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     max_classes: int = Field(default=1000, ge=2)
     max_class_name_length: int = Field(default=200, ge=1)
     allow_random_weights: bool = False
+    # base_model may name a file anywhere on the server, not only in LAFTER_LOCAL_MODEL_DIRS: for an
+    # operator's own experiments, never with other users (production refuses it)
+    allow_any_model_path: bool = False
     gpu_queue: str = "gpu"
     job_time_limit_s: int = Field(default=6 * 3600, ge=60)
     broker_visibility_timeout_s: int = Field(default=8 * 3600, ge=60)
@@ -91,6 +94,8 @@ class Settings(BaseSettings):
     base_model_cache_size: int = Field(default=2, ge=1)
     classify_batch_size: int = Field(default=64, ge=1)
     classify_max_images: int = Field(default=256, ge=1)
+    # a base model that failed to load in the API is not tried again for this long (s)
+    base_model_retry_after_s: float = Field(default=300.0, ge=0)
 
     # --- language model for descriptions (any OpenAI-compatible endpoint) ---------------------
     llm_base_url: str | None = None
@@ -162,6 +167,11 @@ class Settings(BaseSettings):
             problems.append("LAFTER_BROKER_URL is the filesystem transport; production needs Redis")
         if self.auth == "off":
             problems.append("LAFTER_AUTH is off; production needs API keys (LAFTER_AUTH=on)")
+        if self.allow_any_model_path:
+            problems.append(
+                "LAFTER_ALLOW_ANY_MODEL_PATH is on; production serves models only from "
+                "LAFTER_LOCAL_MODEL_DIRS and open_clip's pretrained tags"
+            )
         if problems:
             raise ValueError("refusing to start in production mode: " + "; ".join(problems))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Select, delete, func, select, update
 from sqlalchemy.orm import Session
@@ -11,8 +11,21 @@ from sqlalchemy.orm import Session
 from app.datasets.tables import Dataset, DatasetImage
 
 
-def get(session: Session, owner_id: str, dataset_id: str) -> Dataset | None:
-    return session.scalar(select(Dataset).where(Dataset.id == dataset_id, Dataset.owner_id == owner_id))
+def get(
+    session: Session, owner_id: str, dataset_id: str, *, lock: Literal["use", "delete"] | None = None
+) -> Dataset | None:
+    """The dataset, optionally row-locked until the transaction ends (PostgreSQL; SQLite has one
+    writer and ignores it). ``"use"`` (``FOR KEY SHARE``): rows will refer to it (images, a job);
+    uses never block each other, nor the counters' UPDATE. ``"delete"`` (``FOR UPDATE``): it is about
+    to be deleted; waits for every use in progress, and a use that comes later waits for the delete,
+    then finds no dataset. So an upload or a job racing a delete either ends before the delete looks
+    at the dataset, or sees it gone: never a row pointing at a deleted dataset."""
+    stmt = select(Dataset).where(Dataset.id == dataset_id, Dataset.owner_id == owner_id)
+    if lock == "use":
+        stmt = stmt.with_for_update(read=True, key_share=True)
+    elif lock == "delete":
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
 
 
 def list_query(owner_id: str) -> Select[Any]:

@@ -3,10 +3,12 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.auth import Owner, current_owner
 from app.core.db import get_session
+from app.core.errors import NotFound
 from app.core.pagination import Page, PageParams, page_params, paginate
 from app.core.settings import Settings, get_settings
 from app.core.storage import BlobStorage, BlobWrites, get_storage
@@ -93,6 +95,14 @@ def upload_images(
             settings=settings,
         )
         session.commit()
+    except IntegrityError:
+        # SQLite takes no row locks: a delete that committed while this upload ran leaves its rows
+        # pointing at no dataset, and the foreign key refuses them. The delete won.
+        session.rollback()
+        blobs.rollback()
+        if repository.get(session, owner.id, dataset_id) is None:
+            raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found") from None
+        raise
     except BaseException:
         session.rollback()
         blobs.rollback()

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.auth import Owner
 from app.core.errors import Conflict, Invalid, NotFound, TooLarge
+from app.core.fields import parse_json
 from app.core.ids import new_id
 from app.core.metrics import UPLOADED_FILES
 from app.core.settings import Settings
@@ -85,8 +85,10 @@ def create(session: Session, owner: Owner, body: DatasetCreate) -> Dataset:
     return ds
 
 
-def get(session: Session, owner: Owner, dataset_id: str) -> Dataset:
-    ds = repository.get(session, owner.id, dataset_id)
+def get(
+    session: Session, owner: Owner, dataset_id: str, *, lock: Literal["use", "delete"] | None = None
+) -> Dataset:
+    ds = repository.get(session, owner.id, dataset_id, lock=lock)
     if ds is None:
         raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
     return ds
@@ -97,9 +99,9 @@ def parse_labels(raw: str | None) -> dict[str, str]:
     if raw is None or not raw.strip():
         return {}
     try:
-        value: Any = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise Invalid(f"labels is not valid JSON: {exc}", code="labels_invalid", field="labels") from exc
+        value: Any = parse_json(raw)
+    except ValueError as exc:
+        raise Invalid(f"labels is not valid JSON: {exc}", code="labels_invalid", field="labels") from None
     if not isinstance(value, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
     ):
@@ -264,8 +266,9 @@ def add_images(
     """Decode every file, store new images once by SHA-256, and report per file. Raises (and the
     caller rolls back) when nothing at all was accepted, with the per-file reasons attached.
     Files are processed one at a time and stored in small batches, so memory stays bounded
-    whatever the size of the upload."""
-    ds = get(session, owner, dataset_id)
+    whatever the size of the upload. The dataset stays locked against deletion until the caller's
+    transaction ends (a delete that comes later waits, one that came first leaves a 404)."""
+    ds = get(session, owner, dataset_id, lock="use")
     if not sources:
         raise Invalid("no files in the request (multipart field 'files')", code="no_files", field="files")
     if split not in ("train", "eval"):
@@ -338,8 +341,9 @@ def add_images(
 
 
 def delete(session: Session, owner: Owner, dataset_id: str) -> list[str]:
-    """Delete the dataset and its images; returns blob keys to delete after the commit."""
-    ds = get(session, owner, dataset_id)
+    """Delete the dataset and its images; returns blob keys to delete after the commit. The row is
+    locked first: uploads and job submissions in progress finish before the checks below run."""
+    ds = get(session, owner, dataset_id, lock="delete")
     active = session.scalar(
         select(Job.id)
         .where(Job.dataset_id == ds.id, Job.status.in_(("queued", "running", "cancelling")))

@@ -24,16 +24,20 @@ from app.datasets import repository as datasets
 from app.jobs import repository
 from app.jobs.schemas import JobCreate, JobError, JobOut, Progress, to_configs
 from app.jobs.tables import TERMINAL, Job
-from lafter.descriptions import class_text
+from lafter.descriptions import class_key, class_text, normalize_class_name
 from lafter.errors import LafterError
 
 
-def _validate_class_names(raw: list[str], settings: Settings) -> list[str]:
-    names = [n.strip() for n in raw]
+def validate_class_names(raw: list[str], settings: Settings) -> list[str]:
+    """The request's class names, normalised by the library's rules (``lafter.descriptions``: NFKC,
+    invisible characters removed, trimmed), with a code and the position of the first that fails."""
+    names = [normalize_class_name(n) for n in raw]
     for i, name in enumerate(names):
         if not class_text(name):
             raise Invalid(
-                f"class name at position {i} is empty", code="class_name_empty", field=f"class_names.{i}"
+                f"class name at position {i} is empty or invisible",
+                code="class_name_empty",
+                field=f"class_names.{i}",
             )
         if len(name) > settings.max_class_name_length:
             raise Invalid(
@@ -43,12 +47,12 @@ def _validate_class_names(raw: list[str], settings: Settings) -> list[str]:
             )
     seen: dict[str, int] = {}
     for i, name in enumerate(names):
-        key = class_text(name).casefold()
+        key = class_key(name)
         if key in seen:
             raise Invalid(
-                f"class names {names[seen[key]]!r} (position {seen[key]}) and {name!r} (position {i}) "
-                "are the same "
-                "class (case, spaces and underscores are ignored)",
+                f"class names {raw[seen[key]]!r} (position {seen[key]}) and {raw[i]!r} (position {i}) "
+                "are the same class (case, spaces, underscores, invisible characters and full-width "
+                "forms are ignored)",
                 code="class_names_duplicate",
                 field=f"class_names.{i}",
             )
@@ -82,16 +86,32 @@ def _validate_descriptions(body: JobCreate, names: list[str], settings: Settings
                 code="descriptions_invalid",
                 field="descriptions.provided",
             )
-        keys = {class_text(k).casefold() for k in desc.provided}
-        known = {class_text(n).casefold() for n in names}
-        unknown = sorted(k for k in desc.provided if class_text(k).casefold() not in known)
+        known = {class_key(n) for n in names}
+        unknown = sorted(k for k in desc.provided if class_key(k) not in known)
         if unknown:
             raise Invalid(
                 f"descriptions.provided names classes not in class_names: {unknown[:10]}",
                 code="descriptions_invalid",
                 field="descriptions.provided",
             )
-        missing = [n for n in names if class_text(n).casefold() not in keys]
+        given: dict[str, str] = {}
+        for name, sentences in desc.provided.items():
+            key = class_key(name)
+            if key in given:
+                raise Invalid(
+                    f"descriptions.provided names one class twice: {given[key]!r} and {name!r}",
+                    code="descriptions_invalid",
+                    field=f"descriptions.provided.{name}",
+                )
+            given[key] = name
+            if not any(sentence.strip() for sentence in sentences):
+                # Stage 0 would refuse it in the worker, after the job was queued: refuse it now.
+                raise Invalid(
+                    f"descriptions.provided has no sentence for class {name!r}: give at least one",
+                    code="descriptions_invalid",
+                    field=f"descriptions.provided.{name}",
+                )
+        missing = [n for n in names if class_key(n) not in given]
         if missing:
             raise Invalid(
                 f"descriptions.provided has no sentences for: {missing[:10]}",
@@ -118,6 +138,14 @@ def create(
     """Validate and insert a queued job. Returns (job, created); an Idempotency-Key this owner used
     within ``LAFTER_IDEMPOTENCY_TTL_S`` with the same body returns the first job (created False),
     with another body a 409. An older key is released from its job and names the new one."""
+    if body.webhook_url is not None:
+        # A field the service would ignore is refused: webhooks are not delivered yet.
+        raise Invalid(
+            "webhook_url is not supported yet (webhooks are not delivered); poll GET /v1/jobs/{id} "
+            "or its events instead",
+            code="unsupported_field",
+            field="webhook_url",
+        )
     digest = request_hash(body)
     if idempotency_key is not None:
         prior = repository.by_idempotency_key(session, owner.id, idempotency_key)
@@ -134,8 +162,10 @@ def create(
             prior.idempotency_key = None
             session.flush()
 
-    names = _validate_class_names(body.class_names, settings)
-    ds = datasets.get(session, owner.id, body.dataset_id)
+    names = validate_class_names(body.class_names, settings)
+    # Locked against deletion until the job row is committed: a delete waits and then sees the job
+    # (409 dataset_in_use), or came first and the dataset is gone (dataset_not_found).
+    ds = datasets.get(session, owner.id, body.dataset_id, lock="use")
     if ds is None:
         raise Invalid(f"dataset {body.dataset_id} not found", code="dataset_not_found", field="dataset_id")
     if ds.image_count < settings.min_images_per_job:
@@ -165,7 +195,6 @@ def create(
         hyperparameters=body.hyperparameters.model_dump(),
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
-        webhook_url=str(body.webhook_url) if body.webhook_url else None,
         idempotency_key=idempotency_key,
         request_hash=digest,
         warnings=[],

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, Request, Response, status
@@ -14,6 +13,7 @@ from starlette.datastructures import UploadFile
 from app.core.auth import Owner, current_owner
 from app.core.db import get_session
 from app.core.errors import Invalid
+from app.core.fields import parse_json
 from app.core.pagination import Page, PageParams, page_params, paginate
 from app.core.settings import Settings, get_settings
 from app.models import repository, service
@@ -83,10 +83,10 @@ async def classify_input(request: Request) -> ClassifyInput:
         class_names: list[str] | None = None
         if len(raw_names) == 1 and raw_names[0].strip().startswith("["):
             try:
-                parsed = json.loads(raw_names[0])
-            except json.JSONDecodeError:
+                parsed = parse_json(raw_names[0])
+            except ValueError as exc:
                 raise Invalid(
-                    "class_names is not a JSON array", code="validation_error", field="class_names"
+                    f"class_names is not a JSON array: {exc}", code="validation_error", field="class_names"
                 ) from None
             if not isinstance(parsed, list) or not all(isinstance(x, str) for x in parsed):
                 raise Invalid(

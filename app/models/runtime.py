@@ -6,51 +6,64 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Generic, TypeVar
 
+from app.base_models.service import allowed
 from app.core.backbones import load_base
 from app.core.metrics import MODEL_LOADS
 from app.core.settings import Settings, get_settings
 from lafter.artifact import AdaptedModel
 from lafter.backbone import Backbone
+from lafter.errors import LafterError
 from lafter.predict import AdaptedClassifier, ZeroShotClassifier
 
 log = logging.getLogger(__name__)
 K = TypeVar("K", bound=Hashable)
+_MAX_FAILURES = 256
 V = TypeVar("V")
 
 
 class LRU(Generic[K, V]):
-    """A thread-safe LRU whose ``get_or_load`` loads each key once even under concurrent misses."""
+    """A thread-safe LRU whose ``get_or_load`` loads each key once even under concurrent misses: one
+    lock per key being loaded, shared by every caller that waits for it and dropped when the last
+    of them is done (so a key never has two locks, and failed keys leave nothing behind)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._items: OrderedDict[K, V] = OrderedDict()
         self._lock = threading.Lock()
-        self._key_locks: dict[K, threading.Lock] = {}
+        self._key_locks: dict[K, tuple[threading.Lock, list[int]]] = {}
 
     def get_or_load(self, key: K, load: Callable[[], V]) -> V:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:
-            with self._lock:
-                if key in self._items:
+            key_lock, users = self._key_locks.setdefault(key, (threading.Lock(), [0]))
+            users[0] += 1
+        try:
+            with key_lock:
+                with self._lock:
+                    if key in self._items:
+                        self._items.move_to_end(key)
+                        return self._items[key]
+                value = load()
+                with self._lock:
+                    self._items[key] = value
                     self._items.move_to_end(key)
-                    return self._items[key]
-            value = load()
+                    while len(self._items) > self.capacity:
+                        self._items.popitem(last=False)
+                return value
+        finally:
             with self._lock:
-                self._items[key] = value
-                self._items.move_to_end(key)
-                while len(self._items) > self.capacity:
-                    self._items.popitem(last=False)
-                self._key_locks.pop(key, None)
-            return value
+                users[0] -= 1
+                if users[0] == 0:
+                    self._key_locks.pop(key, None)
 
     def discard(self, predicate: Callable[[K], bool]) -> None:
         with self._lock:
@@ -65,6 +78,12 @@ class LRU(Generic[K, V]):
             return list(self._items)
 
 
+@dataclass(frozen=True)
+class _Failure:
+    at: float  # time.monotonic() of the failed load
+    error: LafterError
+
+
 class ModelRuntime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -73,12 +92,54 @@ class ModelRuntime:
         self.zero_shot: LRU[tuple[str, tuple[str, ...]], ZeroShotClassifier] = LRU(
             settings.adapted_cache_size
         )
+        # Specs whose load failed, not tried again for LAFTER_BASE_MODEL_RETRY_AFTER_S: a spec that
+        # cannot load costs one load per period, however many requests name it. Bounded.
+        self._failures: OrderedDict[str, _Failure] = OrderedDict()
+        self._failures_lock = threading.Lock()
+
+    def _remembered(self, spec: str) -> None:
+        """Raise the failure of a recent load of ``spec``, saying when it will be tried again."""
+        with self._failures_lock:
+            failure = self._failures.get(spec)
+            if failure is None:
+                return
+            age = time.monotonic() - failure.at
+            wait = self.settings.base_model_retry_after_s - age
+            if wait <= 0:
+                del self._failures[spec]
+                return
+        raise LafterError(
+            f"{failure.error.message} (this load failed {age:.0f} s ago; it is retried after "
+            f"{wait:.0f} s more)",
+            code=failure.error.code,
+        )
+
+    def _remember(self, spec: str, error: LafterError) -> None:
+        if self.settings.base_model_retry_after_s <= 0:
+            return
+        with self._failures_lock:
+            self._failures[spec] = _Failure(time.monotonic(), error)
+            self._failures.move_to_end(spec)
+            while len(self._failures) > _MAX_FAILURES:
+                self._failures.popitem(last=False)
 
     def backbone(self, spec: str) -> Backbone:
+        """The loaded base model of ``spec``: only a spec this deployment allows, loaded at most once
+        at a time (callers that ask while it loads wait for that load), and a spec whose load failed
+        recently fails at once with the same error."""
+        allowed(spec, self.settings)
+        self._remembered(spec)
+
         def load() -> Backbone:
+            self._remembered(spec)  # it may have failed while this caller waited for the lock
             MODEL_LOADS.labels("base").inc()
             log.info("loading base model %s for classification", spec)
-            return load_base(spec, self.settings, device=self.settings.api_device)
+            try:
+                return load_base(spec, self.settings, device=self.settings.api_device)
+            except LafterError as exc:
+                log.warning("base model %s failed to load: %s", spec, exc)
+                self._remember(spec, exc)
+                raise
 
         return self.bases.get_or_load(spec, load)
 

@@ -16,7 +16,7 @@ from app.core.metrics import CLASSIFIED_IMAGES
 from app.core.settings import Settings
 from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_image
 from app.datasets.service import limits_from
-from app.jobs.service import _validate_class_names
+from app.jobs.service import validate_class_names
 from app.models import repository
 from app.models.runtime import ModelRuntime
 from app.models.schemas import ClassifyResponse, ImagePredictions, ModelOut, Prediction
@@ -142,7 +142,7 @@ def classify_zero_shot(
     if class_names is None:
         raise Invalid("class_names is required", code="class_names_too_few", field="class_names")
     spec = validate_spec(base_model, settings)
-    names = _validate_class_names(class_names, settings)
+    names = validate_class_names(class_names, settings)
     try:
         classifier = runtime.zero_shot_classifier(spec, names)
     except LafterError as exc:

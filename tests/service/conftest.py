@@ -139,7 +139,9 @@ def service(
         "LAFTER_PROGRESS_WRITE_INTERVAL_S": "0.1",
         "LAFTER_LLM_BASE_URL": fake_llm.base_url,
         "LAFTER_LLM_MODEL": "fake-model",
-        "LAFTER_LOCAL_MODEL_DIRS": str(root / "models"),
+        # The allow-list of base models: the deployment's folder, and the tests' tiny architecture
+        # (TINY_SPEC is tests/assets/tiny-vit.json::random).
+        "LAFTER_LOCAL_MODEL_DIRS": f"{root / 'models'},{TINY_CONFIG.parent}",
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",  # a fuzzed job naming a pretrained tag must fail at once, not download

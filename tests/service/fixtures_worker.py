@@ -33,6 +33,7 @@ from tests.service.conftest import ADMIN_URL, MIN_IMAGES
 from tests.service.helpers import (
     LONG_HP,
     REPO,
+    TINY_CONFIG,
     TINY_HP,
     TINY_SPEC,
     free_port,
@@ -315,6 +316,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         LAFTER_BROKER_URL=f"redis://127.0.0.1:{redis_port}/0",
         LAFTER_STORAGE_DIR=str(root / "blobs"),
         LAFTER_ALLOW_RANDOM_WEIGHTS="true",
+        LAFTER_LOCAL_MODEL_DIRS=str(TINY_CONFIG.parent),  # TINY_SPEC's architecture is allowed
         LAFTER_MIN_IMAGES_PER_JOB=str(MIN_IMAGES),
         LAFTER_DEVICE="cpu",
         LAFTER_API_DEVICE="cpu",

@@ -14,6 +14,7 @@ import pytest
 
 from tests.service.helpers import (
     REPO,
+    TINY_CONFIG,
     TINY_HP,
     TINY_SPEC,
     free_port,
@@ -32,6 +33,7 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
     env.update(
         LAFTER_DATA_DIR=str(data),
         LAFTER_ALLOW_RANDOM_WEIGHTS="true",
+        LAFTER_LOCAL_MODEL_DIRS=str(TINY_CONFIG.parent),  # TINY_SPEC's architecture is allowed
         LAFTER_MIN_IMAGES_PER_JOB="4",
         LAFTER_TORCH_THREADS="1",
         LAFTER_DEVICE="cpu",

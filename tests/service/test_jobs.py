@@ -107,7 +107,8 @@ def test_cancel_queued_and_running_jobs(service: Service, dataset: dict[str, Any
 def test_a_failing_stage_fails_the_job_with_an_actionable_error(
     service: Service, dataset: dict[str, Any]
 ) -> None:
-    broken = service.root / "broken.pt"
+    broken = service.root / "models" / "broken" / "broken.pt"  # base models live in the model folders
+    broken.parent.mkdir(exist_ok=True)
     broken.write_bytes(b"this is not a checkpoint")
     config = TINY_SPEC.split("::")[0]
     job = poll_job(
