@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import uvicorn
 
@@ -78,31 +79,63 @@ def main(argv: list[str] | None = None) -> int:
         log.info("migrating %s", settings.database_url.split("@")[-1])
         upgrade_head(settings.database_url)
 
+    # SIGTERM and SIGINT end the API and then its worker, never the API alone. Uvicorn handles both
+    # while it serves and, once it has shut down, raises the signal again: these handlers turn that
+    # (and a signal before or after serving) into an exception, so the ``finally`` below always runs.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_on_signal)
     worker: subprocess.Popen[bytes] | None = None
-    if settings.embedded_worker and not args.no_worker:
-        worker = subprocess.Popen(
-            worker_command(settings.gpu_queue, settings.log_level), env=dict(os.environ)
-        )
-        log.info("started worker pid %d on queue %s", worker.pid, settings.gpu_queue)
-
-    def stop_worker(*_args: object) -> None:
-        if worker is not None and worker.poll() is None:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker.kill()
-
     try:
+        if settings.embedded_worker and not args.no_worker:
+            worker = subprocess.Popen(
+                worker_command(settings.gpu_queue, settings.log_level), env=dict(os.environ)
+            )
+            log.info("started worker pid %d on queue %s", worker.pid, settings.gpu_queue)
         uvicorn.run(
             "app.main:app",
             host=args.host or settings.host,
             port=args.port or settings.port,
             log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=10,
         )
+    except Stopped as stop:
+        log.info("stopping on %s", signal.Signals(stop.signum).name)
     finally:
-        stop_worker()
+        if worker is not None:
+            stop_worker(worker, settings.worker_stop_timeout_s)
     return 0
+
+
+class Stopped(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    raise Stopped(signum)
+
+
+def stop_worker(worker: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Ask the worker to stop (SIGTERM: Celery's warm shutdown; a running job stops before its next
+    step, writes a checkpoint and is queued again) and wait for it; SIGKILL after ``timeout_s``, or
+    at once on a second SIGINT (Ctrl-C twice). Further SIGTERMs are ignored meanwhile."""
+    if worker.poll() is not None:
+        return
+    again: list[int] = []
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, lambda signum, _frame: again.append(signum))
+    log.info("stopping worker pid %d", worker.pid)
+    worker.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while worker.poll() is None:
+        if again or time.monotonic() > deadline:
+            log.warning("worker pid %d did not stop in time; killing it", worker.pid)
+            worker.kill()
+            worker.wait()
+            break
+        time.sleep(0.1)
+    log.info("worker pid %d stopped (exit %s)", worker.pid, worker.returncode)
 
 
 if __name__ == "__main__":

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 from fastapi import Depends, FastAPI
-from starlette.routing import Match
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.base_models.router import router as base_models_router
@@ -25,12 +25,33 @@ from app.models.router import router as models_router
 log = logging.getLogger("app")
 
 
+def _flat_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
+    """The routes of an app with included routers opened up (FastAPI keeps an included router as one
+    entry whose ``original_router`` holds its routes; ours are included without a prefix)."""
+    out: list[BaseRoute] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out.extend(_flat_routes(inner.routes) if inner is not None else [route])
+    return out
+
+
 def _route_name(app: FastAPI, scope: Scope) -> str:
-    for route in app.router.routes:
-        match, _ = route.matches(scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", "unknown"))
-    return "unmatched"
+    """The route template of a request (``/v1/jobs/{job_id}``), never its path: the one FastAPI
+    resolved when the request reached a route, else (refused before routing: no key, too large) the
+    one its path matches; "unmatched" when none does."""
+    resolved = scope.get("route")
+    if resolved is not None and isinstance(getattr(resolved, "path", None), str):
+        return str(resolved.path)
+    probe = {**scope, "fastapi": {}}  # matching may note things in the scope: not in the request's
+    partial = None
+    for route in _flat_routes(app.router.routes):
+        match, _ = route.matches(probe)
+        path = getattr(route, "path", None)
+        if match == Match.FULL and isinstance(path, str):
+            return path
+        if match == Match.PARTIAL and partial is None and isinstance(path, str):
+            partial = path  # the path matches, the method does not (405)
+    return partial or "unmatched"
 
 
 class MetricsMiddleware:
@@ -123,7 +144,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(KeyFirst, settings=settings)
     app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(app, scope))
-    app.include_router(health_router)  # /healthz, /readyz, /metrics: public
+    # /healthz, /readyz: public; /metrics: open in development, LAFTER_METRICS_TOKEN or off in production
+    app.include_router(health_router)
     # Every /v1 request is authenticated by ``KeyFirst`` before its body is read; the dependency
     # hands its owner to the routes (and checks the key itself where the middleware is absent), even
     # to one that forgets to ask for the owner itself.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_shutting_down
 
 from app.core.queue import make_celery
 from app.core.settings import get_settings
@@ -34,3 +34,8 @@ def _configure() -> None:
 _configure()
 
 import worker.tasks  # noqa: E402,F401  (registers the task on ``app``)
+from worker.pipeline import request_shutdown  # noqa: E402
+
+# SIGTERM or SIGINT (a warm shutdown): the running job stops before its next step, with a
+# checkpoint, and is queued again, instead of the worker waiting for it to finish.
+worker_shutting_down.connect(request_shutdown, weak=False)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,6 +79,17 @@ ECHOED_ADAPT = (
     "precision",
     "device",
 )
+
+# Set when this worker process is asked to stop (SIGTERM or SIGINT: Celery's ``worker_shutting_down``,
+# connected in worker/celery_app.py). A running job stops before its next step, stage 2 writing a
+# checkpoint of its last step first, and is queued again to resume (``_requeue_for_shutdown``).
+SHUTDOWN = threading.Event()
+
+
+def request_shutdown(*_args: object, **_kwargs: object) -> None:
+    """The ``worker_shutting_down`` receiver (it runs in a signal handler: only sets a flag)."""
+    SHUTDOWN.set()
+
 
 # Loaded base models of this worker process: a cache that says so (safe to lose, bounded).
 _BASES: LRU[str, Backbone] | None = None
@@ -208,6 +220,10 @@ def _set_final(
 
 def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session], storage: BlobStorage) -> str:
     """Run one job to a final status and return it. Never raises for a job's own failure."""
+    if SHUTDOWN.is_set():
+        # A message taken while this worker stops: left queued, the reaper sends it again.
+        log.info("job %s: this worker is shutting down; leaving the job queued", job_id)
+        return "skipped"
     job = _claim(sessions, settings, job_id)
     if job is None:
         return "skipped"
@@ -224,8 +240,15 @@ def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session], st
                 job, _execute(job, settings, sessions, storage, reporter, watch), sessions, reporter
             )
     except Cancelled as exc:
-        final = {"status": "cancelled", "completed_steps": exc.step}
-        final["message"] = f"cancelled during {exc.stage or reporter.stage} after {exc.step} steps"
+        stage = exc.stage or reporter.stage
+        if SHUTDOWN.is_set() and not watch.cancel_requested.is_set() and not watch.lost.is_set():
+            # Stopped for this worker's shutdown, not by its owner: the job runs again elsewhere or
+            # after the restart, stage 2 from the checkpoint written before it stopped.
+            outcome = _requeue_for_shutdown(sessions, job_id, attempt, stage, exc.step)
+            final = None
+        else:
+            final = {"status": "cancelled", "completed_steps": exc.step}
+            final["message"] = f"cancelled during {stage} after {exc.step} steps"
     except StageError as exc:
         final = {"status": "failed", "code": exc.code, "message": exc.message, "level": "error"}
     except LafterError as exc:
@@ -271,12 +294,48 @@ def run_job(job_id: str, settings: Settings, sessions: sessionmaker[Session], st
         )
     if outcome in TERMINAL:
         _delete_checkpoint(storage, job_id)
-    # Its slot is free: the owner's next waiting job goes to the workers.
+    # Its slot is free: the owner's next waiting job goes to the workers (a stopping worker leaves
+    # that, and its requeued job, to the reaper, rather than send messages it could take itself).
+    if SHUTDOWN.is_set():
+        return outcome
     try:
         dispatch(sessions, settings, job.owner_id)
     except Exception:  # the reaper's next pass does it
         log.warning("could not dispatch the next job of owner %s", job.owner_id, exc_info=True)
     return outcome
+
+
+def _requeue_for_shutdown(
+    sessions: sessionmaker[Session], job_id: str, attempt: int, stage: str, step: int
+) -> str:
+    """Put a job this worker stopped for its shutdown back in the queue (no message yet:
+    ``dispatch`` sends one). Returns "requeued", or "skipped" when the job is no longer this
+    attempt's running job (a cancel request that came meanwhile is honoured: "cancelled")."""
+    with sessions() as session:
+        job = session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+        if job is None or job.attempts != attempt or job.status not in LIVE:
+            return "skipped"
+        if job.status == "cancelling":
+            _finish(session, job, "cancelled", message=f"cancelled during {stage} after {step} steps")
+            session.commit()
+            return "cancelled"
+        job.status = "queued"
+        job.enqueued_at = None
+        job.worker_id = None
+        job.eta_seconds = None
+        jobs.add_event(
+            session,
+            job.id,
+            "log",
+            stage=stage,
+            level="warning",
+            message=f"the worker shut down during {stage} after {step} steps; the job is queued "
+            "again and resumes from its checkpoint",
+            data={"step": step, "attempt": attempt},
+        )
+        session.commit()
+    log.warning("job %s: stopped for the worker's shutdown at %s step %d; queued again", job_id, stage, step)
+    return "requeued"
 
 
 def release_memory() -> dict[str, int]:
@@ -318,7 +377,17 @@ def _execute(
     reporter: JobReporter,
     watch: JobWatch,
 ) -> Outcome:
-    cancel = watch.should_stop
+    writers: list[CheckpointWriter] = []
+
+    def cancel() -> bool:
+        if watch.should_stop():
+            return True
+        if SHUTDOWN.is_set():
+            for writer in writers:  # stage 2: keep its last step before stopping
+                writer.flush()
+            return True
+        return False
+
     names = list(job.class_names)
     text_config, adapt_config = to_configs(job.hyperparameters, job.recipe)
     warnings: list[dict[str, Any]] = []
@@ -426,6 +495,7 @@ def _execute(
     images = _load_images(storage, train_keys, backbone.image_size)
     t = time.perf_counter()
     writer = CheckpointWriter(storage, settings, reporter, job.id, _inputs_digest(job, train_keys), text)
+    writers.append(writer)
 
     def run_stage2(resume: AdaptCheckpoint | None) -> AdaptResult:
         return adapt(
@@ -673,9 +743,14 @@ class CheckpointWriter:
             },
         }
         self.last = time.monotonic()
+        # The latest step and its snapshot, for ``flush`` (the snapshot reads the live state, which
+        # is that step's until the next one runs); the step last stored.
+        self.latest: tuple[int, int, Callable[[], AdaptCheckpoint]] | None = None
+        self.saved_step = -1
 
     def __call__(self, step: int, total: int, snapshot: Callable[[], AdaptCheckpoint]) -> None:
         self.reporter.step(step, total)
+        self.latest = (step, total, snapshot)
         if not (self.every_s or self.every_steps):
             return
         now = time.monotonic()
@@ -684,8 +759,16 @@ class CheckpointWriter:
             or (self.every_steps and step % self.every_steps == 0)
             or (self.every_s and now - self.last >= self.every_s)
         )
-        if not due:
-            return
+        if due:
+            self._save(step, total, snapshot)
+
+    def flush(self) -> None:
+        """Store the latest step's state now, unless it is stored already (the worker is stopping:
+        called between two steps, by the cancel check)."""
+        if self.latest is not None and self.latest[0] != self.saved_step:
+            self._save(*self.latest)
+
+    def _save(self, step: int, total: int, snapshot: Callable[[], AdaptCheckpoint]) -> None:
         buf = io.BytesIO()
         torch.save({**self.header, "adapt": snapshot().to_dict()}, buf)
         try:
@@ -693,7 +776,8 @@ class CheckpointWriter:
         except Exception:  # training goes on; a re-run would start from an older checkpoint
             log.warning("could not store the checkpoint of job %s", self.reporter.job_id, exc_info=True)
             return
-        self.last = now
+        self.last = time.monotonic()
+        self.saved_step = step
         self.reporter.log(f"checkpoint at step {step} of {total}", data={"checkpoint_step": step})
 
 

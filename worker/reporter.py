@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -39,6 +40,66 @@ def overall_percent(stage: str, fraction: float) -> float:
     return min(100.0, done + STAGE_WEIGHTS[stage] * max(0.0, min(1.0, fraction)))
 
 
+# Stages whose step count must be known before the job's ETA is: the long one. The stages after it
+# (evaluating, registering) are short and not counted; the ones before it are measured as they run.
+COUNTED = ("adapting",)
+
+
+class EtaEstimator:
+    """The seconds a job has left: the steps left in its current stage at that stage's measured rate,
+    plus the steps of the later stages whose count is known (``plan``) at their rate. The rate is
+    measured from the stage's first reported step (the time before it, decoding images or building a
+    model, is not a step) to its latest, so at a steady rate the ETA shrinks with the clock.
+    ``None`` (unknown) until the current stage has two measured points, and while a long stage ahead
+    (``COUNTED``: stage 2, whose step count is resolved only when it starts) has no step count."""
+
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
+        self._clock = clock
+        self.stage: str | None = None
+        self.step = 0
+        self.total = 0
+        self.anchor: tuple[float, int] | None = None  # (time, step) of the stage's first step seen
+        self.latest: tuple[float, int] | None = None
+        self.plan: dict[str, int] = {}  # stage -> its step count, once known
+
+    def now(self) -> float:
+        return self._clock() if self._clock is not None else time.monotonic()
+
+    def observe(self, stage: str, step: int, total: int) -> None:
+        now = self.now()
+        if stage != self.stage:
+            self.stage, self.anchor, self.latest = stage, None, None
+        self.step, self.total = step, total
+        if total:
+            self.plan[stage] = total
+        if step <= 0:
+            return
+        if self.anchor is None:
+            self.anchor = (now, step)
+        elif step > self.anchor[1]:
+            self.latest = (now, step)
+
+    def seconds_per_step(self) -> float | None:
+        if self.anchor is None or self.latest is None:
+            return None
+        (t0, s0), (t1, s1) = self.anchor, self.latest
+        return max(0.0, (t1 - t0) / (s1 - s0))
+
+    def estimate(self) -> float | None:
+        if self.stage is None or self.stage not in STAGES:
+            return None
+        later = STAGES[STAGES.index(self.stage) + 1 :]
+        if any(stage not in self.plan for stage in later if stage in COUNTED):
+            return None
+        rate = self.seconds_per_step()
+        if rate is None:
+            return None
+        left = max(0, self.total - self.step) * rate
+        # Later counted stages at the current rate: a stand-in until they measure their own.
+        left += sum(self.plan[stage] * rate for stage in later if stage in COUNTED)
+        return left
+
+
 class JobReporter:
     def __init__(
         self,
@@ -53,8 +114,8 @@ class JobReporter:
         self.sessions = sessions
         self.write_interval_s = write_interval_s
         self.stage: str = STAGES[0]
-        self.started = time.monotonic()
         self._last_write = 0.0
+        self.eta = EtaEstimator()
 
     # --- events --------------------------------------------------------------------------------
     def log(self, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
@@ -76,13 +137,8 @@ class JobReporter:
         self._write_progress(stage, 0, 0, force=True)
         self.log(message or f"stage {stage} started")
 
-    def _eta(self, percent: float) -> float | None:
-        if percent < 1.0:
-            return None
-        elapsed = time.monotonic() - self.started
-        return max(0.0, elapsed * (100.0 - percent) / percent)
-
     def _write_progress(self, stage: str, step: int, total: int, *, force: bool = False) -> None:
+        self.eta.observe(stage, step, total)  # every step, written or not: the rate's end points
         now = time.monotonic()
         if not force and now - self._last_write < self.write_interval_s:
             return
@@ -99,7 +155,7 @@ class JobReporter:
                     total_steps=total,
                     stage_percent=100.0 * fraction,
                     percent=percent,
-                    eta_seconds=self._eta(percent),
+                    eta_seconds=self.eta.estimate(),
                     heartbeat_at=utcnow(),
                 )
             )

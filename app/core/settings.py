@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     # API keys (``Authorization: Bearer``). ``python -m app`` defaults to "off" (single-user, loudly
     # logged); everything else defaults to "on", and production refuses "off".
     auth: Literal["on", "off"] = "on"
+    # /metrics (every owner's job counts): with a token, it needs 'Authorization: Bearer <token>';
+    # without one it is open in development and the embedded mode, and off (404) in production.
+    metrics_token: SecretStr | None = None
     page_size_default: int = Field(default=20, ge=1)
     page_size_max: int = Field(default=100, ge=1)
 
@@ -105,6 +108,9 @@ class Settings(BaseSettings):
 
     # --- embedded mode ------------------------------------------------------------------------
     embedded_worker: bool = True
+    # ``python -m app`` on SIGTERM/SIGINT: how long its worker may take to stop (its running job
+    # stops before the next step and writes a checkpoint) before it is killed
+    worker_stop_timeout_s: float = Field(default=60.0, gt=0)
 
     @field_validator("local_model_dirs", mode="before")
     @classmethod
@@ -174,6 +180,13 @@ class Settings(BaseSettings):
             )
         if problems:
             raise ValueError("refusing to start in production mode: " + "; ".join(problems))
+
+    @property
+    def metrics_access(self) -> Literal["open", "token", "off"]:
+        """Who may read /metrics: anyone, holders of LAFTER_METRICS_TOKEN, or no one."""
+        if self.metrics_token is not None and self.metrics_token.get_secret_value():
+            return "token"
+        return "off" if self.env == "production" else "open"
 
     @property
     def is_sqlite(self) -> bool:

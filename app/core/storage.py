@@ -76,6 +76,7 @@ class S3Storage:
 
         self.bucket = settings.s3_bucket
         self.prefix = settings.s3_prefix.strip("/")
+        self._bucket_seen = False
         self.client: Any = boto3.client(
             "s3",
             endpoint_url=settings.s3_endpoint_url,
@@ -98,11 +99,33 @@ class S3Storage:
         return bytes(obj["Body"].read())
 
     def exists(self, key: str) -> bool:
+        """False only when the server says there is no such object (404); any other failure (no
+        bucket, no access, no server) raises, so it is never taken for a missing blob."""
+        from botocore.exceptions import ClientError
+
         try:
             self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception:
-            return False
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound") and status == 404 and not self._bucket_missing():
+                return False
+            raise
         return True
+
+    def _bucket_missing(self) -> bool:
+        """HEAD answers a bare 404 for a missing bucket too: ask the bucket itself (once it was
+        seen, a later 404 is the object's: a bucket deleted under a running service fails its puts)."""
+        from botocore.exceptions import ClientError
+
+        if self._bucket_seen:
+            return False
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            return True
+        self._bucket_seen = True
+        return False
 
     def delete(self, key: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self._key(key))

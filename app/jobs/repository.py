@@ -4,7 +4,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Select, and_, func, or_, select
+from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
 from app.jobs.tables import Job, JobEvent
@@ -42,18 +42,37 @@ def add_event(
     level: str = "info",
     data: dict[str, Any] | None = None,
 ) -> JobEvent:
+    """Add the job's next event. Its ``seq`` (the API's event id) comes from the job row's counter,
+    whose UPDATE locks that row until this transaction ends: a job's events get 1, 2, 3... in commit
+    order, so a poller's ``?after=`` cursor never skips one that commits late, and no number says
+    anything about another job or owner."""
+    seq = session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(event_count=Job.event_count + 1)
+        .returning(Job.event_count)
+        .execution_options(synchronize_session=False)
+    ).scalar_one()
     event = JobEvent(
-        job_id=job_id, kind=kind, message=message, stage=stage, step=step, level=level, data=data or {}
+        job_id=job_id,
+        seq=seq,
+        kind=kind,
+        message=message,
+        stage=stage,
+        step=step,
+        level=level,
+        data=data or {},
     )
     session.add(event)
     return event
 
 
 def events(session: Session, job_id: str, after: int | None, limit: int) -> Sequence[JobEvent]:
+    """The job's events after the one numbered ``after`` (its ``seq``), in order."""
     stmt = select(JobEvent).where(JobEvent.job_id == job_id)
     if after is not None:
-        stmt = stmt.where(JobEvent.id > after)
-    return session.scalars(stmt.order_by(JobEvent.id).limit(limit)).all()
+        stmt = stmt.where(JobEvent.seq > after)
+    return session.scalars(stmt.order_by(JobEvent.seq).limit(limit)).all()
 
 
 # --- the queue: slots, positions, lost workers --------------------------------------------------

@@ -85,7 +85,11 @@ def cancel_job(
 @router.get("/{job_id}/events", response_model=Page[JobEventOut])
 def job_events(
     job_id: str,
-    after: str | None = Query(None, description="cursor: the next_cursor of the previous page"),
+    after: str | None = Query(
+        None,
+        description="cursor: the next_cursor of the previous page, or the id of the last event seen "
+        "(a job's events are numbered 1, 2, 3... in the order they were written)",
+    ),
     limit: int = Query(100, ge=1, le=1000),
     owner: Owner = Depends(current_owner),
     session: Session = Depends(get_session),
@@ -95,15 +99,15 @@ def job_events(
         after_id = int(after) if after else None
     except ValueError:
         after_id = -1
-    if after_id is not None and not 0 <= after_id < 2**63:  # event ids are BIGINTs (fuzzing found 2**64)
+    if after_id is not None and not 0 <= after_id < 2**31:  # a job's event numbers are INTEGERs
         raise Invalid("after must be an event cursor", code="cursor_invalid", field="after")
     rows = list(repository.events(session, job.id, after_id, limit + 1))
     has_more = len(rows) > limit
     rows = rows[:limit]
     # Always hand back a cursor, so a poller can continue from the last event it saw.
-    cursor = str(rows[-1].id) if rows else after
+    cursor = str(rows[-1].seq) if rows else after
     return Page[JobEventOut](
-        data=[JobEventOut.model_validate(r, from_attributes=True) for r in rows],
+        data=[service.event_out(r) for r in rows],
         has_more=has_more,
         next_cursor=cursor,
     )

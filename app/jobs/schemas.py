@@ -216,7 +216,10 @@ class JobOut(BaseModel):
 
 
 class JobEventOut(BaseModel):
-    id: int
+    id: int = Field(
+        description="the event's number within its job: 1, 2, 3... in the order the events were "
+        "written; also the cursor (?after=)"
+    )
     created_at: datetime
     kind: Literal["log", "metric"]
     level: str

@@ -22,8 +22,8 @@ from app.core.ids import new_id
 from app.core.settings import Settings, get_settings
 from app.datasets import repository as datasets
 from app.jobs import repository
-from app.jobs.schemas import JobCreate, JobError, JobOut, Progress, to_configs
-from app.jobs.tables import TERMINAL, Job
+from app.jobs.schemas import JobCreate, JobError, JobEventOut, JobOut, Progress, to_configs
+from app.jobs.tables import TERMINAL, Job, JobEvent
 from lafter.descriptions import class_key, class_text, normalize_class_name
 from lafter.errors import LafterError
 
@@ -259,6 +259,19 @@ def queue_position(job: Job, settings: Settings | None = None) -> int | None:
     if job.status != "queued" or session is None:
         return None
     return repository.queue_position(session, job, (settings or get_settings()).max_active_jobs_per_owner)
+
+
+def event_out(event: JobEvent) -> JobEventOut:
+    return JobEventOut(
+        id=event.seq,
+        created_at=event.created_at,
+        kind=event.kind,  # type: ignore[arg-type]
+        level=event.level,
+        stage=event.stage,
+        step=event.step,
+        message=event.message,
+        data=event.data,
+    )
 
 
 def to_out(job: Job) -> JobOut:

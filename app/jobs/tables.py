@@ -52,7 +52,10 @@ class Job(Base):
     warnings: Mapped[list[Any]] = mapped_column(default=list)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # Null once the model is deleted (a succeeded job with no model_id: its model was deleted).
     model_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    # Events written so far: the ``seq`` of the job's next event is this plus one (see add_event).
+    event_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     # Liveness, for the reaper and re-enqueue of the hardening issue.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -69,15 +72,18 @@ class Job(Base):
 
 
 class JobEvent(Base):
-    """A log line (``kind='log'``) or a metric point (``kind='metric'``); ``id`` is the cursor."""
+    """A log line (``kind='log'``) or a metric point (``kind='metric'``). ``seq`` numbers a job's
+    events 1, 2, 3... in commit order; it is the event's id and cursor in the API. ``id`` is a global
+    sequence and never leaves the database (its gaps would count other owners' events)."""
 
     __tablename__ = "job_events"
-    __table_args__ = (Index("ix_job_events_job_id_id", "job_id", "id"),)
+    __table_args__ = (UniqueConstraint("job_id", "seq"),)
 
     id: Mapped[int] = mapped_column(
         BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
     )
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     kind: Mapped[str] = mapped_column(String(8))  # log | metric
     level: Mapped[str] = mapped_column(String(8), default="info")

@@ -3,16 +3,20 @@ The same upload -> job -> poll -> classify, with no Postgres or Redis settings a
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from tests.service.helpers import (
+    LONG_HP,
     REPO,
     TINY_CONFIG,
     TINY_HP,
@@ -22,6 +26,7 @@ from tests.service.helpers import (
     poll_job,
     two_class_images,
     upload,
+    wait_for,
     wait_http,
 )
 
@@ -89,3 +94,154 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail("python -m app did not stop on SIGTERM")
+
+
+# --- issue 8, item 14: SIGTERM and SIGINT stop the worker too, promptly, with a checkpoint ------
+
+
+def _embedded_env(data: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAFTER_")}
+    env.update(
+        LAFTER_DATA_DIR=str(data),
+        LAFTER_ALLOW_RANDOM_WEIGHTS="true",
+        LAFTER_LOCAL_MODEL_DIRS=str(TINY_CONFIG.parent),
+        LAFTER_MIN_IMAGES_PER_JOB="4",
+        LAFTER_TORCH_THREADS="1",
+        LAFTER_DEVICE="cpu",
+        LAFTER_PROGRESS_WRITE_INTERVAL_S="0.1",
+        # No periodic checkpoint: the one the job has is the one written as its worker stopped.
+        LAFTER_CHECKPOINT_EVERY_S="3600",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def _events(data: Path, job_id: str) -> list[str]:
+    with sqlite3.connect(data / "lafter.db") as conn:
+        rows = conn.execute("SELECT message FROM job_events WHERE job_id = ? ORDER BY seq", (job_id,))
+        return [r[0] or "" for r in rows]
+
+
+def _job_row(data: Path, job_id: str) -> tuple[str, int]:
+    with sqlite3.connect(data / "lafter.db") as conn:
+        status, attempts = conn.execute(
+            "SELECT status, attempts FROM jobs WHERE id = ?", (job_id,)
+        ).fetchone()
+        return str(status), int(attempts)
+
+
+def _running_in_stage2(client: httpx.Client, job_id: str, min_step: int) -> bool:
+    job = client.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] in ("queued", "running"), job
+    return bool(
+        job["status"] == "running" and job["stage"] == "adapting" and job["progress"]["step"] >= min_step
+    )
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int, worker: int) -> float:
+    """Send ``sig`` to ``python -m app`` alone (not its process group) and return how long it and its
+    worker took to be gone."""
+    start = time.monotonic()
+    os.kill(proc.pid, sig)
+    try:
+        proc.wait(timeout=45)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"python -m app did not stop on {signal.Signals(sig).name}")
+    wait_for(lambda: not _alive(worker), 10, 0.1, f"worker {worker} to stop with the API")
+    return time.monotonic() - start
+
+
+def test_embedded_stops_its_worker_on_sigterm_and_sigint_with_a_checkpoint(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    env = _embedded_env(data)
+    logs: list[Path] = []
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start() -> tuple[subprocess.Popen[bytes], str, int]:
+        port = free_port()
+        log = tmp_path / f"embedded-{len(logs)}.log"
+        logs.append(log)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "app", "--port", str(port)],
+            cwd=REPO,
+            env=env,
+            stdout=log.open("wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        procs.append(proc)
+        url = f"http://127.0.0.1:{port}"
+        wait_http(f"{url}/healthz", timeout=90, proc=proc)
+        workers = wait_for(lambda: _children(proc.pid), 30, 0.2, "the worker child")
+        assert len(workers) == 1, workers
+        return proc, url, workers[0]
+
+    try:
+        proc, url, worker = start()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            ds = client.post("/v1/datasets", json={"name": "shutdown"}).json()
+            assert upload(client, ds["id"], two_class_images(6, offset=9500)).status_code == 200
+            r = client.post(
+                "/v1/jobs",
+                json={
+                    "dataset_id": ds["id"],
+                    "class_names": ["red", "blue"],
+                    "base_model": TINY_SPEC,
+                    "hyperparameters": LONG_HP,
+                },
+            )
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            wait_for(lambda: _running_in_stage2(client, job_id, 5), 180, 0.3, "stage 2 to run")
+
+        took = _stop(proc, signal.SIGTERM, worker)
+        assert took < 30, took
+        status, attempts = _job_row(data, job_id)
+        assert (status, attempts) == ("queued", 1)
+        events = _events(data, job_id)
+        checkpoints = [m for m in events if m.startswith("checkpoint at step")]
+        assert len(checkpoints) == 1, events  # written as the worker stopped (no periodic one)
+        assert "the worker shut down during adapting" in events[-1], events
+        assert list(data.rglob("checkpoint.pt")), "no checkpoint blob"
+        saved_step = int(checkpoints[0].split()[3])
+        assert saved_step >= 5
+
+        # Restarted, the job resumes from that checkpoint; SIGINT (Ctrl-C) stops both again.
+        proc, url, worker = start()
+        with httpx.Client(base_url=url, timeout=60) as client:
+            wait_for(
+                lambda: _running_in_stage2(client, job_id, saved_step + 2), 180, 0.3, "the job to resume"
+            )
+        assert f"attempt 2: resuming from the checkpoint at stage-2 step {saved_step}" in _events(
+            data, job_id
+        )
+        took = _stop(proc, signal.SIGINT, worker)
+        assert took < 30, took
+        assert _job_row(data, job_id) == ("queued", 2)
+        assert sum(m.startswith("checkpoint at step") for m in _events(data, job_id)) == 2
+    except BaseException:
+        for log in logs:
+            print(f"---- {log.name} ----\n" + log.read_text(errors="replace")[-6000:], file=sys.stderr)
+        raise
+    finally:
+        for p in procs:  # the process group: an orphaned worker too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
