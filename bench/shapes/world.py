@@ -1,8 +1,15 @@
-"""Ten shape classes in three drawing styles, rendered deterministically at 32 px.
+"""Ten shape classes in four drawing styles, rendered deterministically at any size (32 px default).
 
 - ``photo``: a filled shape in one of eight colours on a random plain background;
 - ``outlined``: the same filled shape with a thick dark border;
-- ``sketch``: a thin ink outline on paper, with no fill. This is the TARGET style.
+- ``sketch``: a thin ink outline on paper, with no fill. A TARGET style;
+- ``marker``: a thick coloured outline with a pale wash of the colour inside, on paper. A TARGET style.
+
+Sizes, strokes and shifts scale with the image size (in units of a 32 px image), so a 70 px image shows
+the same scene at a finer resolution; at 32 px the output is exactly that of the original 32 px world.
+A colour can be fixed (``colour=``) or drawn from a ``palette`` (colour-shape classes such as
+"red circle" use the first). ``EXTRA_SHAPES`` (pentagon, ring, scribble) are drawable but are never
+classes and never appear in captions: they are the open-set distractors of the benchmark.
 
 A tiny CLIP is pretrained contrastively (bench/shapes/pretrain.py) on ``photo`` and ``outlined``
 images whose captions name the shape, plus ``sketch`` images whose captions name only the style
@@ -37,6 +44,7 @@ CLASSES = [
     "crescent",
     "arrow",
 ]
+EXTRA_SHAPES = ["pentagon", "ring", "scribble"]
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -47,6 +55,7 @@ COLOURS = {
     "pink": (240, 120, 180),
     "cyan": (40, 200, 210),
 }
+FOUR_COLOURS = ["red", "green", "blue", "yellow"]
 _STYLE_IDS = {"photo": 1, "outlined": 2, "sketch": 3, "marker": 4}
 
 
@@ -66,6 +75,8 @@ def _outline(name: str) -> np.ndarray:
         return _ring(3, -math.pi / 2)
     if name == "hexagon":
         return _ring(6)
+    if name == "pentagon":
+        return _ring(5, -math.pi / 2)
     if name == "star":
         pts = []
         for k in range(5):
@@ -123,9 +134,34 @@ def _jitter(rgb: tuple[int, int, int], rng: np.random.Generator, amount: float) 
     return r, g, b
 
 
-def render(label: int, style: Style, rng: np.random.Generator) -> tuple[Image.Image, str]:
+def render(
+    label: int,
+    style: Style,
+    rng: np.random.Generator,
+    size: int = SIZE,
+    colour: str | None = None,
+    palette: list[str] | None = None,
+) -> tuple[Image.Image, str]:
     """One image of class ``label`` in ``style``; returns it with the colour name used."""
-    colour = list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    return render_shape(CLASSES[label], style, rng, size, colour, palette)
+
+
+def render_shape(
+    shape: str,
+    style: Style,
+    rng: np.random.Generator,
+    size: int = SIZE,
+    colour: str | None = None,
+    palette: list[str] | None = None,
+) -> tuple[Image.Image, str]:
+    """One image of ``shape`` (a class or one of ``EXTRA_SHAPES``) in ``style`` at ``size`` px.
+
+    ``colour`` fixes the colour; otherwise it is drawn from ``palette`` (default: all ``COLOURS``).
+    Returns the image and the colour name used."""
+    if colour is None:
+        names = palette if palette is not None else list(COLOURS)
+        colour = names[int(rng.integers(len(names)))]
+    k = size / SIZE  # geometry is specified in pixels of a 32 px image
     fg = _jitter(COLOURS[colour], rng, 25)
     if style in ("sketch", "marker"):
         bg = _jitter((235, 230, 215), rng, 15)
@@ -133,31 +169,54 @@ def render(label: int, style: Style, rng: np.random.Generator) -> tuple[Image.Im
         bg = (int(rng.integers(256)), int(rng.integers(256)), int(rng.integers(256)))
         while sum(abs(a - b) for a, b in zip(bg, fg, strict=True)) < 150:
             bg = (int(rng.integers(256)), int(rng.integers(256)), int(rng.integers(256)))
-    s = SIZE * _SUPERSAMPLE
+    s = size * _SUPERSAMPLE
     img = Image.new("RGB", (s, s), bg)
     draw = ImageDraw.Draw(img)
     angle = rng.uniform(-0.2, 0.2)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    radius = rng.uniform(0.36, 0.44) * SIZE
-    centre = np.array([SIZE / 2 + rng.uniform(-1.5, 1.5), SIZE / 2 + rng.uniform(-1.5, 1.5)])
-    pts_arr = ((_outline(CLASSES[label]) @ rot.T) * radius + centre) * _SUPERSAMPLE
-    pts = [(float(x), float(y)) for x, y in pts_arr]
-    if style == "photo":
-        draw.polygon(pts, fill=fg)
-    elif style == "outlined":
-        draw.polygon(pts, fill=fg)
-        draw.line(
-            [*pts, pts[0]], fill=_jitter((30, 30, 30), rng, 20), width=int(2.5 * _SUPERSAMPLE), joint="curve"
-        )
+    radius = rng.uniform(0.36, 0.44) * size
+    centre = np.array([size / 2 + rng.uniform(-1.5 * k, 1.5 * k), size / 2 + rng.uniform(-1.5 * k, 1.5 * k)])
+
+    def place(outline: np.ndarray) -> list[tuple[float, float]]:
+        pts_arr = ((outline @ rot.T) * radius + centre) * _SUPERSAMPLE
+        return [(float(x), float(y)) for x, y in pts_arr]
+
+    if shape == "ring":
+        rings = [place(_ring(40)), place(0.55 * _ring(40))]
+    elif shape == "scribble":  # a random open polyline: no shape at all
+        n = int(rng.integers(5, 9))
+        rings = [place(rng.uniform(-1, 1, size=(n, 2)))]
+    else:
+        rings = [place(_outline(shape))]
+    closed = shape != "scribble"
+    pts = rings[0]
+
+    def stroke(points: list[tuple[float, float]], fill: tuple[int, ...], width: int) -> None:
+        draw.line([*points, points[0]] if closed else points, fill=fill, width=width, joint="curve")
+
+    if style in ("photo", "outlined"):
+        if closed:
+            draw.polygon(pts, fill=fg)
+            for hole in rings[1:]:
+                draw.polygon(hole, fill=bg)
+        else:
+            stroke(pts, fg, max(1, int(3.0 * k * _SUPERSAMPLE)))
+        if style == "outlined":
+            border = _jitter((30, 30, 30), rng, 20)
+            for ring in rings:
+                stroke(ring, border, int(2.5 * k * _SUPERSAMPLE))
     else:
         lo, hi = (1.0, 1.8) if style == "sketch" else (2.2, 3.2)
-        width = int(rng.uniform(lo, hi) * _SUPERSAMPLE)
+        width = int(rng.uniform(lo * k, hi * k) * _SUPERSAMPLE)
         ink = _jitter((30, 30, 60), rng, 25) if style == "sketch" else fg
-        if style == "marker":  # a pale wash of the colour inside the outline
+        if style == "marker" and closed:  # a pale wash of the colour inside the outline
             wash = tuple(int(0.35 * f + 0.65 * p) for f, p in zip(fg, bg, strict=True))
             draw.polygon(pts, fill=wash)
-        draw.line([*pts, pts[0]], fill=ink, width=width, joint="curve")
-    small = np.asarray(img.resize((SIZE, SIZE), Image.Resampling.BOX), dtype=np.float32)
+            for hole in rings[1:]:
+                draw.polygon(hole, fill=bg)
+        for ring in rings:
+            stroke(ring, ink, width)
+    small = np.asarray(img.resize((size, size), Image.Resampling.BOX), dtype=np.float32)
     small = small + rng.normal(0, 3, small.shape)
     return Image.fromarray(small.clip(0, 255).astype(np.uint8)), colour
 
@@ -181,6 +240,8 @@ def caption(label: int, style: Style, rng: np.random.Generator) -> str:
             f"{art} {name} with a thick border.",
             f"{art} {name}.",
         ]
+    elif style == "marker":
+        options = ["a marker drawing.", "a felt-tip doodle.", "drawn with a marker pen.", "a marker doodle."]
     else:
         options = ["a sketch.", "an ink drawing on paper.", "a pen sketch.", "a drawing on paper."]
     return options[int(rng.integers(len(options)))]
@@ -201,3 +262,32 @@ def make_split(
             if captions:
                 caps.append(caption(label, style, rng))
     return images, labels, caps
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def colour_caption(label: int, colour: str, style: Style, rng: np.random.Generator) -> str:
+    """A caption naming colour and shape ("a red circle.") for the labelled styles ``photo`` and
+    ``outlined``; the target styles keep their style-only captions (see ``caption``)."""
+    if style not in ("photo", "outlined"):
+        return caption(label, style, rng)
+    thing = f"{colour} {CLASSES[label]}"
+    art = _article(thing)
+    if style == "photo":
+        options = [
+            f"{art} {thing}.",
+            f"{art} {thing} shape.",
+            f"a photo of {art} {thing}.",
+            f"a picture of {art} {thing}.",
+            f"this is {art} {thing}.",
+        ]
+    else:
+        options = [
+            f"an outlined {thing}.",
+            f"a drawing of {art} {thing}.",
+            f"{art} {thing} with a thick border.",
+            f"{art} {thing}.",
+        ]
+    return options[int(rng.integers(len(options)))]

@@ -13,7 +13,7 @@ from lafter.artifact import AdaptedModel
 from lafter.backbone import load_backbone
 from lafter.descriptions import DescriptionConfig
 from lafter.finetune import AdaptConfig
-from lafter.guard import evaluate_candidates, label_free_choice, neighbour_consistency
+from lafter.guard import evaluate_candidates, kappa, label_free_choice, neighbour_consistency
 from lafter.pipeline import run_lafter
 from lafter.predict import AdaptedClassifier
 from lafter.views import ImageCache
@@ -43,17 +43,28 @@ def test_neighbour_consistency_rewards_labels_that_follow_the_clusters():
     assert 0.3 < neighbour_consistency(feats, partly) < neighbour_consistency(feats, labels)
 
 
+def test_kappa_corrects_agreement_for_chance():
+    a = torch.tensor([0, 0, 1, 1, 2, 2])
+    assert kappa(a, a, 3) == pytest.approx(1.0)
+    # a biased baseline that predicts class 0 everywhere: 1/3 raw agreement, but only chance
+    assert kappa(a, torch.zeros_like(a), 3) == pytest.approx(0.0)
+    # a permutation of the classes agrees less than chance
+    assert kappa(a, (a + 1) % 3, 3) < 0
+
+
 def test_label_free_rule():
-    scores = {"zero_shot": 0.40, "text_classifier": 0.45, "lafter": 0.60}
-    assert label_free_choice(scores, collapsed=False)[0] == "lafter"
-    assert label_free_choice(scores, collapsed=True)[0] == "text_classifier"  # never a collapsed model
-    # within the margin the adapted model is kept; beyond it the better baseline wins
-    assert label_free_choice({**scores, "lafter": 0.44}, collapsed=False, margin=0.02)[0] == "lafter"
-    kind, reason = label_free_choice({**scores, "lafter": 0.30}, collapsed=False, margin=0.02)
-    assert kind == "text_classifier" and "text_classifier" in reason
-    assert (
-        label_free_choice({"zero_shot": 0.5, "text_classifier": 0.2, "lafter": 0.1}, False)[0] == "zero_shot"
-    )
+    scores = {"zero_shot": 0.60, "text_classifier": 0.45, "lafter": 0.30}
+    # the adapted model is served unless it is dominated by one class or lost the class names, even
+    # when the baselines follow the base features' clusters better (they are linear in them)
+    assert label_free_choice(scores, dominated=False, kappa_with_zero_shot=0.10)[0] == "lafter"
+    kind, reason = label_free_choice(scores, dominated=True, kappa_with_zero_shot=0.10)
+    assert kind == "zero_shot" and "swallowed" in reason
+    kind, reason = label_free_choice(scores, dominated=False, kappa_with_zero_shot=0.01, min_kappa=0.03)
+    assert kind == "zero_shot" and "chance" in reason
+    # the fallback is the baseline that follows the clusters best
+    flipped = {"zero_shot": 0.40, "text_classifier": 0.55, "lafter": 0.9}
+    assert label_free_choice(flipped, dominated=True, kappa_with_zero_shot=0.5)[0] == "text_classifier"
+    assert label_free_choice({"zero_shot": 0.4, "text_classifier": 0.5}, False, None)[0] == "text_classifier"
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +96,8 @@ def test_run_lafter_evaluates_and_serves_one_of_the_three(backbone, cache):
     assert run.served_model.kind == run.served_kind
     assert run.evaluation["images"] == 40 and "labelled" not in run.evaluation
     # the choice is the rule applied to the reported scores
-    collapsed = run.evaluation["collapse"]["collapsed"]
-    assert label_free_choice(guard["cluster_consistency"], collapsed)[0] == run.served_kind
+    rule = label_free_choice(guard["cluster_consistency"], guard["dominated"], guard["kappa_with_zero_shot"])
+    assert rule[0] == run.served_kind
     if run.served_kind != "lafter":
         assert any(w["code"] == "adaptation_not_served" for w in run.warnings)
 
