@@ -96,6 +96,17 @@ def base_features(backbone: Backbone, u8: torch.Tensor, batch_size: int = 256) -
     return torch.cat(out)
 
 
+def _is_head_only(model: AdaptedModel) -> bool:
+    """A linear head on the base tower's own features (no prompts, no LayerNorm overrides)."""
+    return model.prompts is None and not model.layernorms
+
+
+def _head_probs(features: torch.Tensor, model: AdaptedModel) -> torch.Tensor:
+    """``AdaptedClassifier.predict_tensor`` for a head-only model, from precomputed base features."""
+    f = torch.nn.functional.normalize(features, dim=-1) if model.normalize_features else features
+    return (f @ model.head_weight.float().t()).softmax(dim=-1)
+
+
 def _spread(n: int, cap: int) -> torch.Tensor:
     if n <= cap:
         return torch.arange(n)
@@ -170,8 +181,12 @@ def evaluate_candidates(
     names = list(next(iter(candidates.values())).class_names)
     sample = images.data[_spread(len(images), max_images)]
     classifiers = {kind: AdaptedClassifier(backbone, m) for kind, m in candidates.items()}
-    probs = {kind: clf.predict_uint8(sample) for kind, clf in classifiers.items()}
     feats = base_features(backbone, sample)
+    # zero-shot and the text classifier are heads on exactly these features: one tower pass serves all
+    probs = {
+        kind: _head_probs(feats, m) if _is_head_only(m) else classifiers[kind].predict_uint8(sample)
+        for kind, m in candidates.items()
+    }
     consistency = {kind: neighbour_consistency(feats, p.argmax(1)) for kind, p in probs.items()}
     collapse = (
         evaluate.detect_collapse(probs["lafter"], probs["zero_shot"], names)
