@@ -23,3 +23,9 @@ timeout 420 "$PY" bench/speed.py --model ViT-B-32::random --classes 10 --images 
 # 2. The same without torch.compile (what a user gets by default)
 timeout 150 "$PY" bench/speed.py --model ViT-B-32::random --images 1024 --batch 256 --steps 30 --warmup 3 \
   --ref-steps 10 --ref-workers 4 --skip text --skip classify --out "$OUT/gpu_speed_nocompile.json" 2>&1 | tail -n 25
+
+# 3. The service over HTTP against its limit (issue 11): the embedded service on the GPU (API and
+#    worker), single-image latency, batched and concurrent throughput, each beside the adapted
+#    model's own encoder measured in the same run; and memory with 1/10/100 adapted ViT-B-32 models.
+timeout 420 "$PY" -m bench.serve --device cuda --threads 4 --batch 256 --seconds 15 \
+  --out "$OUT/gpu_serve.json" 2>&1 | tail -n 30

@@ -95,7 +95,10 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=0, ge=0)  # 0: leave torch's default
     adapted_cache_size: int = Field(default=32, ge=1)
     base_model_cache_size: int = Field(default=2, ge=1)
-    classify_batch_size: int = Field(default=64, ge=1)
+    classify_batch_size: int = Field(default=64, ge=1)  # the most images in one classify forward
+    # how long the classify batcher waits for more requests before a forward (0: it never waits;
+    # requests that arrive while a forward runs still share the next one)
+    classify_batch_window_ms: float = Field(default=0.0, ge=0, le=1000)
     classify_max_images: int = Field(default=256, ge=1)
     # a base model that failed to load in the API is not tried again for this long (s)
     base_model_retry_after_s: float = Field(default=300.0, ge=0)

@@ -35,7 +35,10 @@ from dataclasses import dataclass
 from typing import IO, Any, cast
 from zipfile import _EndRecData  # type: ignore[attr-defined]  # the very parser ZipFile uses
 
+import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
+
+from lafter.views import to_square_uint8
 
 ALLOWED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF"})
 # Image.open tries only these decoders: no exotic format parser ever sees an upload.
@@ -136,21 +139,9 @@ def decode_image(candidate: Candidate, limits: Limits) -> DecodedImage | Rejecti
             with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as img:
                 fmt = (img.format or "").upper()
                 width, height = img.size
-                if fmt not in ALLOWED_FORMATS:
-                    return Rejection(
-                        name, "unsupported_image_format", f"{fmt or 'unknown'} images are not accepted"
-                    )
-                # The header's size, before any pixel is decoded: a decompression bomb never expands.
-                if width * height > limits.max_image_pixels:
-                    return Rejection(
-                        name,
-                        "image_too_many_pixels",
-                        f"{width}x{height} exceeds the limit of {limits.max_image_pixels} pixels",
-                    )
-                if min(width, height) < limits.min_image_side:
-                    return Rejection(
-                        name, "image_too_small", f"{width}x{height} is smaller than {limits.min_image_side}px"
-                    )
+                refused = _header_rejection(name, fmt, width, height, limits)
+                if refused is not None:
+                    return refused
                 img.verify()  # chunk structure and checksums (a PNG cut after its pixels fails here)
             # verify() leaves the image unusable: decode every pixel from a fresh open.
             with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as img:
@@ -165,6 +156,60 @@ def decode_image(candidate: Candidate, limits: Limits) -> DecodedImage | Rejecti
         return Rejection(name, "image_corrupt", f"the image could not be decoded: {exc}")
     digest = hashlib.sha256(data).hexdigest()
     return DecodedImage(name, data, digest, fmt, width, height, candidate.label)
+
+
+def _header_rejection(name: str, fmt: str, width: int, height: int, limits: Limits) -> Rejection | None:
+    """The checks the header alone allows, before any pixel is decoded (a decompression bomb never
+    expands): format, pixel count, smallest side."""
+    if fmt not in ALLOWED_FORMATS:
+        return Rejection(name, "unsupported_image_format", f"{fmt or 'unknown'} images are not accepted")
+    if width * height > limits.max_image_pixels:
+        return Rejection(
+            name,
+            "image_too_many_pixels",
+            f"{width}x{height} exceeds the limit of {limits.max_image_pixels} pixels",
+        )
+    if min(width, height) < limits.min_image_side:
+        return Rejection(
+            name, "image_too_small", f"{width}x{height} is smaller than {limits.min_image_side}px"
+        )
+    return None
+
+
+def decode_for_prediction(candidate: Candidate, limits: Limits, size: int) -> np.ndarray | Rejection:
+    """An image to classify, decoded once into the model's input square (``uint8 [size, size, 3]``).
+
+    The same rules as ``decode_image`` (size, format, pixel limit before decoding, every pixel decoded,
+    so a truncated file is refused), without what only stored uploads need: no second structural pass
+    (``verify``) and no content hash. JPEGs decode at reduced scale when they are larger than the
+    model's input (Pillow's draft mode), as the training cache does."""
+    name, data = candidate.filename, candidate.data
+    if not data:
+        return Rejection(name, "empty_file", "the file is empty")
+    if len(data) > limits.max_file_bytes:
+        return Rejection(
+            name, "file_too_large", f"{len(data)} bytes exceeds the per-file limit of {limits.max_file_bytes}"
+        )
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; refusing to decode uploads")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=_OPEN_FORMATS) as img:
+                fmt = (img.format or "").upper()
+                refused = _header_rejection(name, fmt, img.size[0], img.size[1], limits)
+                if refused is not None:
+                    return refused
+                if fmt in ("JPEG", "MPO"):
+                    img.draft("RGB", (size, size))
+                img.load()
+                return to_square_uint8(img, size)
+    except UnidentifiedImageError:
+        return Rejection(name, "not_an_image", "the file is not an image in a supported format")
+    except Image.DecompressionBombError:
+        return Rejection(name, "image_too_many_pixels", "the image header declares too many pixels")
+    except Exception as exc:  # truncated or corrupt data surfaces as many exception types
+        return Rejection(name, "image_corrupt", f"the image could not be decoded: {exc}")
 
 
 def looks_like_archive(filename: str, head: bytes) -> str | None:

@@ -10,12 +10,12 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 from starlette.datastructures import UploadFile
 
-from app.core.auth import Owner, current_owner
-from app.core.db import get_session
+from app.core.auth import Owner, current_owner, request_owner
+from app.core.db import get_session, get_sessionmaker
 from app.core.errors import Invalid
 from app.core.fields import parse_json
 from app.core.pagination import Page, PageParams, page_params, paginate
-from app.core.settings import Settings, get_settings
+from app.core.settings import get_settings
 from app.models import repository, service
 from app.models.runtime import ModelRuntime, get_runtime
 from app.models.schemas import ClassifyJSON, ClassifyResponse, ModelOut
@@ -159,26 +159,27 @@ def delete_model(
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
+# The classify routes are the hot path: async all the way to one thread hop (decode, the model's
+# row, then the shared forward of app.models.batching), no per-request dependency in a thread.
 @router.post("/v1/models/{model_id}/classify", response_model=ClassifyResponse, openapi_extra=_CLASSIFY_BODY)
 async def classify(
     model_id: str,
     data: ClassifyInput = Depends(classify_input),
-    owner: Owner = Depends(current_owner),
-    session: Session = Depends(get_session),
-    runtime: ModelRuntime = Depends(get_runtime),
-    settings: Settings = Depends(get_settings),
+    owner: Owner = Depends(request_owner),
 ) -> ClassifyResponse:
-    return await run_in_threadpool(
-        service.classify_with_model, session, owner, model_id, data.images, data.top_k, runtime, settings
-    )
+    def run() -> ClassifyResponse:
+        with get_sessionmaker()() as session:
+            return service.classify_with_model(
+                session, owner, model_id, data.images, data.top_k, get_runtime(), get_settings()
+            )
+
+    return await run_in_threadpool(run)
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, openapi_extra=_CLASSIFY_BODY, tags=["classify"])
 async def classify_zero_shot(
     data: ClassifyInput = Depends(classify_input),
-    _owner: Owner = Depends(current_owner),
-    runtime: ModelRuntime = Depends(get_runtime),
-    settings: Settings = Depends(get_settings),
+    _owner: Owner = Depends(request_owner),
 ) -> ClassifyResponse:
     return await run_in_threadpool(
         service.classify_zero_shot,
@@ -186,6 +187,6 @@ async def classify_zero_shot(
         data.class_names,
         data.images,
         data.top_k,
-        runtime,
-        settings,
+        get_runtime(),
+        get_settings(),
     )

@@ -17,6 +17,7 @@ from app.base_models.service import allowed
 from app.core.backbones import load_base
 from app.core.metrics import MODEL_LOADS
 from app.core.settings import Settings, get_settings
+from app.models.batching import Batcher
 from lafter.artifact import AdaptedModel
 from lafter.backbone import Backbone
 from lafter.errors import LafterError
@@ -92,6 +93,7 @@ class ModelRuntime:
         self.zero_shot: LRU[tuple[str, tuple[str, ...]], ZeroShotClassifier] = LRU(
             settings.adapted_cache_size
         )
+        self.batcher = Batcher(settings.classify_batch_size, settings.classify_batch_window_ms / 1000)
         # Specs whose load failed, not tried again for LAFTER_BASE_MODEL_RETRY_AFTER_S: a spec that
         # cannot load costs one load per period, however many requests name it. Bounded.
         self._failures: OrderedDict[str, _Failure] = OrderedDict()

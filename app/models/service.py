@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from PIL import Image
+import numpy as np
+import torch
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
@@ -15,7 +15,7 @@ from app.core.auth import Owner
 from app.core.errors import Invalid, NotFound, TooLarge
 from app.core.metrics import CLASSIFIED_IMAGES
 from app.core.settings import Settings
-from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_image
+from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_for_prediction
 from app.datasets.service import limits_from
 from app.jobs import repository as jobs
 from app.jobs.service import validate_class_names
@@ -78,7 +78,9 @@ def delete(session: Session, owner: Owner, model_id: str) -> None:
     session.flush()
 
 
-def _decode_all(images: Sequence[NamedImage], settings: Settings) -> list[Image.Image]:
+def _decode_all(images: Sequence[NamedImage], settings: Settings, size: int) -> torch.Tensor:
+    """The request's images as one ``uint8 [N, 3, size, size]`` batch, each decoded once; the first
+    bad image refuses the request (its index and code say which and why)."""
     if not images:
         raise Invalid("no images given", code="no_images", field="files")
     if len(images) > settings.classify_max_images:
@@ -88,23 +90,27 @@ def _decode_all(images: Sequence[NamedImage], settings: Settings) -> list[Image.
             field="files",
         )
     limits = limits_from(settings)
-    out: list[Image.Image] = []
+    out = np.empty((len(images), size, size, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         name = img.filename or f"image {i}"
-        result = decode_image(Candidate(name, img.data, None), limits)
+        result = decode_for_prediction(Candidate(name, img.data, None), limits, size)
         if isinstance(result, Rejection):
             cls = TooLarge if result.code in SIZE_CODES else Invalid
             raise cls(f"{name}: {result.message}", code=result.code, field=f"files.{i}")
-        out.append(Image.open(io.BytesIO(result.data)))
-    return out
+        out[i] = result
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
 
 
 def _classify(
-    classifier: AdaptedClassifier, images: Sequence[NamedImage], top_k: int, settings: Settings
+    classifier: AdaptedClassifier,
+    images: Sequence[NamedImage],
+    top_k: int,
+    settings: Settings,
+    runtime: ModelRuntime,
 ) -> list[ImagePredictions]:
-    pil = _decode_all(images, settings)
-    # One batched forward pass over the request's images.
-    probs = classifier.predict_images(pil, batch_size=settings.classify_batch_size)
+    batch = _decode_all(images, settings, classifier.backbone.image_size)
+    # One forward pass, shared with the concurrent requests for the same model (app.models.batching).
+    probs = runtime.batcher.submit(classifier, batch).result()
     ranked = top_k_labels(probs, classifier.class_names, top_k)
     return [
         ImagePredictions(
@@ -138,7 +144,7 @@ def classify_with_model(
     except LafterError as exc:
         raise Invalid(f"model {model.id} cannot be loaded: {exc}", code=exc.code) from exc
     k = min(top_k, len(model.class_names))
-    data = _classify(classifier, images, k, settings)
+    data = _classify(classifier, images, k, settings, runtime)
     CLASSIFIED_IMAGES.labels(model.kind).inc(len(data))
     return ClassifyResponse(
         model_id=model.id, base_model=model.base_model, kind=model.kind, top_k=k, data=data
@@ -166,6 +172,6 @@ def classify_zero_shot(
             f"base model {spec!r} cannot be loaded: {exc}", code=exc.code, field="base_model"
         ) from exc
     k = min(top_k, len(names))
-    data = _classify(classifier, images, k, settings)
+    data = _classify(classifier, images, k, settings, runtime)
     CLASSIFIED_IMAGES.labels("zero_shot").inc(len(data))
     return ClassifyResponse(base_model=spec, kind="zero_shot", top_k=k, data=data)
