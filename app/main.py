@@ -121,8 +121,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.broker_url.split("@")[-1],
             settings.storage_backend,
         )
-        # --- job reaper (app/core/reaper.py): lost workers, lost broker messages, per-owner caps ---
-        from app.core.reaper import start_reaper
+        # --- job reaper (app/jobs/reaper.py): lost workers, lost broker messages, per-owner caps ---
+        from app.jobs.reaper import start_reaper
 
         reaper = start_reaper(settings)
         try:

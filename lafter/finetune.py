@@ -36,7 +36,6 @@ Two recipes (``AdaptConfig.recipe``):
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import time
@@ -230,21 +229,6 @@ class AdaptCheckpoint:
             )
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
-
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.to_dict(), buf)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> AdaptCheckpoint:
-        try:
-            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise InvalidInputError("not a stage-2 checkpoint")
-        return cls.from_dict(loaded)
 
 
 # Called after every optimiser step with (steps done, total steps, snapshot). Calling the hook is

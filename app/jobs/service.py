@@ -1,7 +1,7 @@
-"""Job rules: validation before queueing, cancellation, presentation. Never commits or enqueues:
-the router commits, then enqueues (a worker must never get an id whose row it cannot see); broker
-work a rule needs (a cancel signal, the next job of a freed slot) runs after that commit
-(``queue.after_commit``)."""
+"""Job rules: validation before queueing, cancellation, presentation. Never commits: the router
+does; broker work a rule needs (sending a new job, a cancel signal, the next job of a freed slot)
+runs after that commit (``app.core.db.after_commit``), so a worker never gets an id whose row it
+cannot see."""
 
 from __future__ import annotations
 
@@ -14,16 +14,17 @@ from typing import Any
 from sqlalchemy.orm import Session, object_session
 
 from app.base_models.service import validate_spec
-from app.core import queue, reaper
+from app.core import broker
 from app.core.auth import Owner
-from app.core.db import get_sessionmaker, utcnow
+from app.core.db import after_commit, utcnow
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.ids import new_id
 from app.core.settings import Settings, get_settings
 from app.datasets import repository as datasets
-from app.jobs import repository
+from app.jobs import repository, transitions
+from app.jobs.dispatch import dispatch_later
 from app.jobs.schemas import JobCreate, JobError, JobEventOut, JobOut, Progress, to_configs
-from app.jobs.tables import TERMINAL, Job, JobEvent
+from app.jobs.tables import TERMINAL, Job, JobEvent, JobStatus
 from lafter.descriptions import class_key, class_text, normalize_class_name
 from lafter.errors import LafterError
 
@@ -187,7 +188,7 @@ def create(
         id=new_id("job"),
         owner_id=owner.id,
         dataset_id=ds.id,
-        status="queued",
+        status=JobStatus.QUEUED,
         base_model=spec,
         class_names=names,
         descriptions=descriptions,
@@ -207,6 +208,9 @@ def create(
     repository.add_event(
         session, job.id, "log", message=f"queued: {len(names)} classes, {ds.image_count} images, base {spec}"
     )
+    # Sent to the workers once committed, if its owner has a free slot; otherwise it waits queued
+    # (with its queue_position) until one frees.
+    dispatch_later(session, owner.id)
     return job, True
 
 
@@ -225,38 +229,23 @@ def cancel(session: Session, owner: Owner, job_id: str) -> Job:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     if job.status in TERMINAL:
         raise Conflict(f"job {job.id} already finished ({job.status})", code="job_finished")
-    now = utcnow()
-    if job.status == "queued":
-        job.status = "cancelled"
-        job.finished_at = now
-        job.cancel_requested_at = now
-        job.eta_seconds = None
-        repository.add_event(session, job.id, "log", message="cancelled before it started")
+    changed = transitions.cancel(session, job)
+    if changed == JobStatus.CANCELLED:
         # It may have held a slot: the owner's next waiting job moves up.
-        owner_id = job.owner_id
-        queue.after_commit(session, lambda: _dispatch_owner(owner_id))
-    elif job.status == "running":
-        job.status = "cancelling"
-        job.cancel_requested_at = now
-        repository.add_event(
-            session, job.id, "log", stage=job.stage, message="cancel requested", data={"step": job.step}
-        )
+        dispatch_later(session, job.owner_id)
+    elif changed == JobStatus.CANCELLING:
         # The worker stops before its next step: at once on a Redis broker, else at its next status
         # read (LAFTER_CANCEL_POLL_INTERVAL_S).
         job_id = job.id
-        queue.after_commit(session, lambda: queue.signal_cancel(job_id))
+        after_commit(session, lambda: broker.signal_cancel(job_id))
     session.flush()
     return job
-
-
-def _dispatch_owner(owner_id: str) -> None:
-    reaper.dispatch(get_sessionmaker(), get_settings(), owner_id)
 
 
 def queue_position(job: Job, settings: Settings | None = None) -> int | None:
     """For a queued job beyond its owner's cap: 1 = the next to be sent to the workers."""
     session = object_session(job)
-    if job.status != "queued" or session is None:
+    if job.status != JobStatus.QUEUED or session is None:
         return None
     return repository.queue_position(session, job, (settings or get_settings()).max_active_jobs_per_owner)
 
