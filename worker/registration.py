@@ -6,15 +6,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.ids import new_id
-from app.jobs.tables import Job
+from app.jobs.tables import Job, JobStatus
+from app.jobs.transitions import finish, live_attempt
 from app.models.tables import Model, ModelArtifact
 from lafter.artifact import AdaptedModel
 from worker.reporter import JobReporter
-from worker.transitions import finish
 
 
 @dataclass
@@ -33,16 +32,14 @@ def register(job: Job, outcome: Outcome, sessions: sessionmaker[Session], report
     data = outcome.served.to_bytes()
     checksum = outcome.served.checksum
     with sessions() as session:
-        row = session.scalar(select(Job).where(Job.id == job.id).with_for_update())
-        if row is None or row.attempts != job.attempts:
+        row = live_attempt(session, job.id, job.attempts)
+        if row is None:
             return "skipped"  # the job was given to another attempt while this one worked
-        if row.status != "running":
-            # Asked to cancel (or finished elsewhere) while we worked: honour it, register nothing.
-            if row.status == "cancelling":
-                finish(session, row, "cancelled", message="cancelled before the model was registered")
-                session.commit()
-                return "cancelled"
-            return "skipped"
+        if row.status == JobStatus.CANCELLING:
+            # Asked to cancel while we worked: honour it, register nothing.
+            finish(session, row, JobStatus.CANCELLED, message="cancelled before the model was registered")
+            session.commit()
+            return "cancelled"
         model = Model(
             id=new_id("model"),
             owner_id=row.owner_id,
@@ -68,6 +65,8 @@ def register(job: Job, outcome: Outcome, sessions: sessionmaker[Session], report
         row.stage = "registering"
         row.percent = 100.0
         row.stage_percent = 100.0
-        finish(session, row, "succeeded", message=f"registered model {model.id} ({outcome.served.kind})")
+        finish(
+            session, row, JobStatus.SUCCEEDED, message=f"registered model {model.id} ({outcome.served.kind})"
+        )
         session.commit()
     return "succeeded"

@@ -25,50 +25,8 @@ from app.jobs import repository, transitions
 from app.jobs.dispatch import dispatch_later
 from app.jobs.schemas import JobCreate, JobError, JobEventOut, JobOut, Progress, to_configs
 from app.jobs.tables import TERMINAL, Job, JobEvent, JobStatus
-from lafter.descriptions import class_key, class_text, normalize_class_name
+from lafter.descriptions import class_key, validate_class_names
 from lafter.errors import LafterError
-
-
-def validate_class_names(raw: list[str], settings: Settings) -> list[str]:
-    """The request's class names, normalised by the library's rules (``lafter.descriptions``: NFKC,
-    invisible characters removed, trimmed), with a code and the position of the first that fails."""
-    names = [normalize_class_name(n) for n in raw]
-    for i, name in enumerate(names):
-        if not class_text(name):
-            raise Invalid(
-                f"class name at position {i} is empty or invisible",
-                code="class_name_empty",
-                field=f"class_names.{i}",
-            )
-        if len(name) > settings.max_class_name_length:
-            raise Invalid(
-                f"class name at position {i} is longer than {settings.max_class_name_length} characters",
-                code="class_name_too_long",
-                field=f"class_names.{i}",
-            )
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        key = class_key(name)
-        if key in seen:
-            raise Invalid(
-                f"class names {raw[seen[key]]!r} (position {seen[key]}) and {raw[i]!r} (position {i}) "
-                "are the same class (case, spaces, underscores, invisible characters and full-width "
-                "forms are ignored)",
-                code="class_names_duplicate",
-                field=f"class_names.{i}",
-            )
-        seen[key] = i
-    if len(names) < 2:
-        raise Invalid(
-            f"need at least 2 class names, got {len(names)}", code="class_names_too_few", field="class_names"
-        )
-    if len(names) > settings.max_classes:
-        raise Invalid(
-            f"at most {settings.max_classes} classes, got {len(names)}",
-            code="class_names_too_many",
-            field="class_names",
-        )
-    return names
 
 
 def _validate_descriptions(body: JobCreate, names: list[str], settings: Settings) -> dict[str, Any]:
@@ -163,7 +121,10 @@ def create(
             prior.idempotency_key = None
             session.flush()
 
-    names = validate_class_names(body.class_names, settings)
+    # A ClassNamesError is answered 422 with its code and the field at fault (app.core.errors).
+    names = validate_class_names(
+        body.class_names, max_length=settings.max_class_name_length, max_classes=settings.max_classes
+    )
     # Locked against deletion until the job row is committed: a delete waits and then sees the job
     # (409 dataset_in_use), or came first and the dataset is gone (dataset_not_found).
     ds = datasets.get(session, owner.id, body.dataset_id, lock="use")

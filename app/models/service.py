@@ -18,11 +18,11 @@ from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_image
 from app.datasets.service import limits_from
 from app.jobs import repository as jobs
 from app.jobs import transitions
-from app.jobs.service import validate_class_names
 from app.models import repository
 from app.models.runtime import ModelRuntime
 from app.models.schemas import ClassifyResponse, ImagePredictions, ModelOut, Prediction
 from app.models.tables import Model
+from lafter.descriptions import validate_class_names
 from lafter.errors import LafterError
 from lafter.predict import AdaptedClassifier, top_k_labels
 
@@ -148,7 +148,9 @@ def classify_zero_shot(
     if class_names is None:
         raise Invalid("class_names is required", code="class_names_too_few", field="class_names")
     spec = validate_spec(base_model, settings)
-    names = validate_class_names(class_names, settings)
+    names = validate_class_names(
+        class_names, max_length=settings.max_class_name_length, max_classes=settings.max_classes
+    )
     try:
         classifier = runtime.zero_shot_classifier(spec, names)
     except LafterError as exc:
