@@ -175,7 +175,7 @@ def service(
     url = f"http://127.0.0.1:{port}"
     engine = sa.create_engine(pg_database)
     try:
-        wait_http(f"{url}/healthz", timeout=60, proc=api)
+        wait_http(f"{url}/healthz", timeout=180, proc=api)  # imports take a minute on 2 busy cores
         wait_for(
             lambda: "ready." in worker_log.read_text(errors="replace"), 60, 0.3, "the worker to be ready"
         )
