@@ -178,6 +178,12 @@ def queue_position(session: Session, job: Job, cap: int) -> int | None:
     return None if waiting_ahead < 0 else waiting_ahead + 1
 
 
+def count_by_status(session: Session) -> dict[str, int]:
+    """Every owner's jobs, counted by status (for /metrics)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(count) for status, count in rows}
+
+
 def owners_with_queued_jobs(session: Session) -> list[str]:
     return list(session.scalars(select(Job.owner_id).where(Job.status == JobStatus.QUEUED).distinct()))
 

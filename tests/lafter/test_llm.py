@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import threading
 import time
@@ -207,7 +208,7 @@ def test_all_junk_raises(server: FakeLLMServer, make_client: ClientFactory) -> N
 def _gaps(server: FakeLLMServer) -> list[float]:
     """Seconds between consecutive requests the server received."""
     times = [r.at for r in server.requests]
-    return [b - a for a, b in zip(times, times[1:], strict=False)]
+    return [b - a for a, b in itertools.pairwise(times)]
 
 
 def test_server_errors_are_retried_with_growing_backoff(
@@ -285,7 +286,7 @@ def test_malformed_json_is_retried_then_fails(
     server: FakeLLMServer, make_client: ClientFactory, sleeper: RecordingSleep
 ) -> None:
     server.default = malformed_json()
-    with pytest.raises(LLMError, match="after 3 attempt\\(s\\).*not valid JSON"):
+    with pytest.raises(LLMError, match=r"after 3 attempt\(s\).*not valid JSON"):
         make_client(max_retries=2, backoff_s=0.1).complete("Describe a cat", 1)
     assert server.count() == 3
     first, second = sleeper.delays  # equal jitter: [b/2, b], then doubled
