@@ -1,4 +1,4 @@
-"""Issue 8, second round of the security review: what a hostile user found, each now a 4xx.
+"""What a hostile user found in a security review, each now a 4xx.
 
 - ``base_model`` names only open_clip's pretrained tags, files inside the configured local model
   folders, and ``ARCH::random`` where allowed; the refusal is the same whether a path exists or not;
