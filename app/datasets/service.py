@@ -16,16 +16,8 @@ from app.core.metrics import UPLOADED_FILES
 from app.core.settings import Settings
 from app.core.storage import BlobWrites
 from app.datasets import repository
-from app.datasets.ingest import (
-    SIZE_CODES,
-    Candidate,
-    DecodedImage,
-    Limits,
-    Rejection,
-    decode_image,
-    iter_archive,
-    looks_like_archive,
-)
+from app.datasets.archives import iter_archive, looks_like_archive
+from app.datasets.images import SIZE_CODES, Candidate, DecodedImage, Limits, Rejection, decode_image
 from app.datasets.schemas import (
     AcceptedFile,
     DatasetCreate,

@@ -14,7 +14,7 @@ from app.core.auth import Owner
 from app.core.errors import Invalid, NotFound, TooLarge
 from app.core.metrics import CLASSIFIED_IMAGES
 from app.core.settings import Settings
-from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_image
+from app.datasets.images import SIZE_CODES, Candidate, Rejection, decode_image
 from app.datasets.service import limits_from
 from app.jobs import repository as jobs
 from app.jobs import transitions

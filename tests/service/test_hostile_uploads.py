@@ -30,7 +30,8 @@ import httpx
 import pytest
 from PIL import Image, ImageFile
 
-from app.datasets.ingest import Candidate, Limits, Rejection, iter_archive
+from app.datasets.archives import iter_archive
+from app.datasets.images import Candidate, Limits, Rejection
 from tests.service.helpers import REPO, free_port, png, wait_http
 
 MiB = 1024 * 1024
