@@ -35,16 +35,17 @@ def _flat_routes(routes: Sequence[BaseRoute]) -> list[BaseRoute]:
     return out
 
 
-def _route_name(app: FastAPI, scope: Scope) -> str:
+def _route_name(routes: Callable[[], list[BaseRoute]], scope: Scope) -> str:
     """The route template of a request (``/v1/jobs/{job_id}``), never its path: the one FastAPI
-    resolved when the request reached a route, else (refused before routing: no key, too large) the
-    one its path matches; "unmatched" when none does."""
+    resolved (``scope["route"]``) when the request reached a route. Only a request refused before
+    routing (no key, too large, a NUL in the URL) is matched here, against ``routes()``; "unmatched"
+    when none matches."""
     resolved = scope.get("route")
     if resolved is not None and isinstance(getattr(resolved, "path", None), str):
         return str(resolved.path)
     probe = {**scope, "fastapi": {}}  # matching may note things in the scope: not in the request's
     partial = None
-    for route in _flat_routes(app.router.routes):
+    for route in routes():
         match, _ = route.matches(probe)
         path = getattr(route, "path", None)
         if match == Match.FULL and isinstance(path, str):
@@ -121,8 +122,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.broker_url.split("@")[-1],
             settings.storage_backend,
         )
-        # --- job reaper (app/core/reaper.py): lost workers, lost broker messages, per-owner caps ---
-        from app.core.reaper import start_reaper
+        # --- job reaper (app/jobs/reaper.py): lost workers, lost broker messages, per-owner caps ---
+        from app.jobs.reaper import start_reaper
 
         reaper = start_reaper(settings)
         try:
@@ -143,7 +144,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RejectNulInUrl)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_request_bytes)
     app.add_middleware(KeyFirst, settings=settings)
-    app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(app, scope))
+    flat: list[BaseRoute] = []  # the app's routes, opened up once (they are all added below)
+
+    def routes() -> list[BaseRoute]:
+        if not flat:
+            flat.extend(_flat_routes(app.router.routes))
+        return flat
+
+    app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(routes, scope))
     # /healthz, /readyz: public; /metrics: open in development, LAFTER_METRICS_TOKEN or off in production
     app.include_router(health_router)
     # Every /v1 request is authenticated by ``KeyFirst`` before its body is read; the dependency

@@ -25,22 +25,14 @@ from safetensors.torch import save as st_save
 
 from lafter.errors import ArtifactMismatchError, CorruptArtifactError
 from lafter.prompted import HEAD, LN_PREFIX, PROMPTS
+from lafter.templates import IMAGENET_TEMPLATES
 
 if TYPE_CHECKING:
     from lafter.backbone import Backbone
 
 FORMAT_VERSION = 1
 # CLIP's zero-shot prompt ensemble for the baseline: the 8 hand-made templates of method.md.
-ZERO_SHOT_TEMPLATES = (
-    "a photo of a {}.",
-    "a bad photo of the {}.",
-    "a {} in a video game.",
-    "a origami {}.",
-    "a photo of the small {}.",
-    "art of the {}.",
-    "a photo of the large {}.",
-    "itap of a {}.",
-)
+ZERO_SHOT_TEMPLATES = IMAGENET_TEMPLATES
 Kind = Literal["lafter", "text_classifier", "zero_shot"]
 
 

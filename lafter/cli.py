@@ -40,7 +40,7 @@ class _Bars:
         self.bars: dict[str, tqdm] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
-        if not self.enabled:
+        if not self.enabled or event.starts_stage:
             return
         bar = self.bars.get(event.stage)
         if bar is None:

@@ -21,9 +21,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
-from lafter.errors import Cancelled, DescriptionError, InvalidInputError, LLMError
+from lafter.errors import Cancelled, ClassNamesError, DescriptionError, InvalidInputError, LLMError
 from lafter.llm import DescriptionCache, LLMClient
 from lafter.progress import CancelCheck, ProgressCallback, ProgressEvent, check_cancel
+from lafter.templates import CIFAR_TEMPLATES, DOMAIN_TEMPLATES, IMAGENET_TEMPLATES
 
 logger = logging.getLogger(__name__)
 
@@ -49,48 +50,6 @@ DOMAIN_QUESTIONS: tuple[str, ...] = (
     "What does a {} look like in a {domain}?",
     "Describe a {domain} of a {} from the internet",
     "A caption of a {domain} of a {}:",
-)
-
-# The reference's eight hand-made ImageNet templates, verbatim.
-IMAGENET_TEMPLATES: tuple[str, ...] = (
-    "a photo of a {}.",
-    "a bad photo of the {}.",
-    "a {} in a video game.",
-    "a origami {}.",
-    "a photo of the small {}.",
-    "art of the {}.",
-    "a photo of the large {}.",
-    "itap of a {}.",
-)
-
-_CIFAR_ADJECTIVE_PHOTOS = (
-    "photo of {} {{}}.",
-    "blurry photo of {} {{}}.",
-    "black and white photo of {} {{}}.",
-    "low contrast photo of {} {{}}.",
-    "high contrast photo of {} {{}}.",
-    "bad photo of {} {{}}.",
-    "good photo of {} {{}}.",
-    "photo of {} small {{}}.",
-    "photo of {} big {{}}.",
-)
-
-# The 18 CIFAR templates: nine "a ..." photo variants, then the same nine with "the".
-CIFAR_TEMPLATES: tuple[str, ...] = tuple(
-    f"a {pattern.format(article)}" for article in ("a", "the") for pattern in _CIFAR_ADJECTIVE_PHOTOS
-)
-
-# Domain templates replace the photo templates when the user names the target domain: "a photo of
-# a cat" describes the wrong thing when every image is a sketch.
-DOMAIN_TEMPLATES: tuple[str, ...] = (
-    "a {domain} of a {}.",
-    "a {domain} of the {}.",
-    "a {domain} of a small {}.",
-    "a {domain} of a large {}.",
-    "a bad {domain} of the {}.",
-    "a good {domain} of a {}.",
-    "a {domain} showing a {}.",
-    "a close-up {domain} of the {}.",
 )
 
 _CLASS = "{}"
@@ -308,37 +267,55 @@ def class_key(name: str) -> str:
     return class_text(normalize_class_name(name)).casefold()
 
 
-def validate_class_names(class_names: Sequence[str]) -> list[str]:
-    """Normalised names (``normalize_class_name``); refuses empty or invisible names, duplicates
-    (``class_key``) and fewer than two classes, because each breaks training in a way that is much
-    harder to understand later (a class that can never win, two heads fighting over identical
-    text, a one-way softmax)."""
+def validate_class_names(
+    class_names: Sequence[str], *, max_length: int | None = None, max_classes: int | None = None
+) -> list[str]:
+    """Normalised names (``normalize_class_name``); refuses empty or invisible names, names longer
+    than ``max_length``, duplicates (``class_key``), fewer than two classes and more than
+    ``max_classes``, because each breaks training in a way that is much harder to understand later
+    (a class that can never win, two heads fighting over identical text, a one-way softmax). Raises
+    ``ClassNamesError`` naming the rule (its ``code``) and the first name that breaks it (``field``)."""
     if isinstance(class_names, str):
-        raise InvalidInputError("class_names must be a list of names, not a single string")
-    not_text = [i for i, name in enumerate(class_names) if not isinstance(name, str)]
-    if not_text:
-        raise InvalidInputError(f"class names must be strings; positions {not_text[:10]} are not")
+        raise ClassNamesError(
+            "class_names must be a list of names, not a single string", code="class_names_invalid"
+        )
+    for i, name in enumerate(class_names):
+        if not isinstance(name, str):
+            raise ClassNamesError(
+                f"class names must be strings; position {i} is not",
+                code="class_names_invalid",
+                field=f"class_names.{i}",
+            )
     names = [normalize_class_name(name) for name in class_names]
-    empty = [i for i, name in enumerate(names) if not class_text(name)]
-    if empty:
-        raise InvalidInputError(
-            f"class names must not be empty or invisible; positions {empty[:10]} are empty"
-        )
-    if len(names) < 2:
-        raise InvalidInputError(f"need at least 2 classes to classify, got {len(names)}")
-    first_seen: dict[str, str] = {}
-    duplicates: list[str] = []
-    for name in names:
+    for i, name in enumerate(names):
+        if not class_text(name):
+            raise ClassNamesError(
+                f"class names must not be empty or invisible; the name at position {i} is",
+                code="class_name_empty",
+                field=f"class_names.{i}",
+            )
+        if max_length is not None and len(name) > max_length:
+            raise ClassNamesError(
+                f"class name at position {i} is longer than {max_length} characters",
+                code="class_name_too_long",
+                field=f"class_names.{i}",
+            )
+    seen: dict[str, int] = {}
+    for i, name in enumerate(names):
         key = class_key(name)
-        if key in first_seen:
-            duplicates.append(f"{first_seen[key]!r} / {name!r}")
-        else:
-            first_seen[key] = name
-    if duplicates:
-        raise InvalidInputError(
-            "class names must be unique (ignoring case, spaces, underscores, invisible characters and "
-            "full-width forms): " + ", ".join(duplicates[:10])
-        )
+        if key in seen:
+            raise ClassNamesError(
+                f"class names must be unique: {class_names[seen[key]]!r} (position {seen[key]}) and "
+                f"{class_names[i]!r} (position {i}) are the same class (case, spaces, underscores, "
+                "invisible characters and full-width forms are ignored)",
+                code="class_names_duplicate",
+                field=f"class_names.{i}",
+            )
+        seen[key] = i
+    if len(names) < 2:
+        raise ClassNamesError(f"need at least 2 class names, got {len(names)}", code="class_names_too_few")
+    if max_classes is not None and len(names) > max_classes:
+        raise ClassNamesError(f"at most {max_classes} classes, got {len(names)}", code="class_names_too_many")
     return names
 
 

@@ -52,6 +52,19 @@ class InvalidInputError(LafterError):
     code = "invalid_input"
 
 
+class ClassNamesError(InvalidInputError):
+    """Class names that cannot be trained on (``descriptions.validate_class_names``). ``code`` says
+    which rule (``class_name_empty``, ``class_name_too_long``, ``class_names_duplicate``,
+    ``class_names_too_few``, ``class_names_too_many``, ``class_names_invalid``) and ``field`` which
+    name: ``class_names.3``, or ``class_names`` for the list as a whole."""
+
+    code = "class_names_invalid"
+
+    def __init__(self, message: str, *, code: str, field: str = "class_names") -> None:
+        super().__init__(message, code=code)
+        self.field = field
+
+
 class ArtifactError(LafterError):
     code = "artifact_invalid"
 

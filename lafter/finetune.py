@@ -36,7 +36,6 @@ Two recipes (``AdaptConfig.recipe``):
 from __future__ import annotations
 
 import copy
-import io
 import logging
 import math
 import time
@@ -231,21 +230,6 @@ class AdaptCheckpoint:
         except (KeyError, TypeError) as exc:
             raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
 
-    def to_bytes(self) -> bytes:
-        buf = io.BytesIO()
-        torch.save(self.to_dict(), buf)
-        return buf.getvalue()
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> AdaptCheckpoint:
-        try:
-            loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise InvalidInputError(f"not a stage-2 checkpoint: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise InvalidInputError("not a stage-2 checkpoint")
-        return cls.from_dict(loaded)
-
 
 # Called after every optimiser step with (steps done, total steps, snapshot). Calling the hook is
 # cheap; ``snapshot()`` copies the run's state to the CPU, so call it only when a checkpoint is due.
@@ -329,170 +313,230 @@ def adapt(
     n = len(images)
     patches = (backbone.image_size // backbone.patch_size) ** 2
     resolved = config.resolve(n, backbone.image_size, patches)
-    dev = backbone.device
     amp_dtype = backbone.amp_dtype if config.data_path == "fast" else None
     resolved["precision"] = precision_name(amp_dtype)
-    resolved["device"] = str(dev)
+    resolved["device"] = str(backbone.device)
     resolved["seed"] = seed
-    total = int(resolved["total_steps"])
-    batch = int(resolved["batch_size"])
     fingerprint = _fingerprint(backbone, class_names, n, seed, resolved)
     if resume_from is not None:
         if config.data_path != "fast":
             raise InvalidInputError("resume_from needs the fast data path")
         _check_fingerprint(resume_from.fingerprint, fingerprint)
 
-    devices = [dev] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):  # seeded, without disturbing the caller's RNG
+    dev = backbone.device
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        # seeded, without disturbing the caller's RNG
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
-        state = LafterState(backbone, text_head, int(resolved["prompt_tokens"]), gen).to(dev)
-        frozen_head = copy.deepcopy(text_head).to(dev).requires_grad_(False)
-        resolved["trainable_parameters"] = count_parameters(state)
+        run = _Stage2(backbone, text_head, len(class_names), n, config, resolved, seed, amp_dtype)
+        if resume_from is not None:
+            run.restore(resume_from)
+        elif (
+            run.align is not None
+            and resolved["balance_prior_init"] == "pool"
+            and isinstance(images, ImageCache)
+        ):
+            # the running mean starts from the teacher's view of the images themselves, not one batch
+            run.align.warm_start(_pool_probabilities(images, run.teacher_logits, backbone, run.batch))
+        if isinstance(images, ImageCache):
+            batches = _cached_batches(images, run.total, run.order, dev, backbone, run.step, resolved)
+        else:
+            batches = _reference_batches(images, run.batch, run.total, run.gen, backbone, config)
+        run.train(batches, fingerprint, progress, should_cancel, checkpoint)
+
+    adapted = AdaptedModel(
+        base_spec=backbone.spec,
+        class_names=list(class_names),
+        tensors=run.state.export(),
+        kind="lafter",
+        normalize_features=False,
+        metadata={"hyperparameters": _jsonable(resolved), "steps": run.step},
+    )
+    return AdaptResult(
+        model=adapted,
+        steps=run.step,
+        epochs=int(resolved["epochs"]),
+        resolved=resolved,
+        history=run.history,
+        pseudo_label_histogram=run.histogram.tolist(),
+        images_per_s=(run.step - run.start_step) * run.batch / max(run.seconds, 1e-9),
+        seconds=run.seconds,
+        resumed_from_step=run.start_step,
+    )
+
+
+class _Stage2:
+    """One stage-2 run: the trainable state, its optimiser, the frozen teacher head, the epoch order
+    and the running counts, and the three things a step does (teacher pseudo-labels, one student
+    update, the bookkeeping). Built inside ``adapt``'s seeded RNG scope: the prompts are drawn from
+    ``gen`` here, the views from the global RNG as the batches are made."""
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        text_head: nn.Linear,
+        num_classes: int,
+        num_images: int,
+        config: AdaptConfig,
+        resolved: dict[str, Any],
+        seed: int,
+        amp_dtype: torch.dtype | None,
+    ) -> None:
+        dev = backbone.device
+        self.dev, self.amp_dtype, self.config = dev, amp_dtype, config
+        self.total = int(resolved["total_steps"])
+        self.batch = int(resolved["batch_size"])
+        self.steps_per_epoch = int(resolved["steps_per_epoch"])
+        self.gen = torch.Generator().manual_seed(seed)
+        self.state = LafterState(backbone, text_head, int(resolved["prompt_tokens"]), self.gen).to(dev)
+        self.frozen_head = copy.deepcopy(text_head).to(dev).requires_grad_(False)
+        resolved["trainable_parameters"] = count_parameters(self.state)
         base_params = sum(p.numel() for p in backbone.visual.parameters())
         log.info(
             "LaFTer: trainable %d of %d image-tower parameters (%.4f%%); %d steps of batch %d over %d images",
             resolved["trainable_parameters"],
             base_params,
             100.0 * resolved["trainable_parameters"] / max(1, base_params),
-            total,
-            batch,
-            n,
+            self.total,
+            self.batch,
+            num_images,
         )
-        opt = torch.optim.AdamW(
-            state.param_groups(config.weight_decay), lr=config.learning_rate, fused=dev.type == "cuda"
+        self.opt = torch.optim.AdamW(
+            self.state.param_groups(config.weight_decay), lr=config.learning_rate, fused=dev.type == "cuda"
         )
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-        tower = PromptedTower(backbone.visual)
-
-        def encode(x: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
-            return tower(x, prompts, state.ln_overrides())
-
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.tower = PromptedTower(backbone.visual)
+        self.encode: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] = self._encode
         if config.compile:
-            encode = torch.compile(encode)
-
-        align = (
-            DistributionAlignment(len(class_names), config.balance_tau, config.balance_momentum, dev)
+            self.encode = torch.compile(self._encode)
+        self.align = (
+            DistributionAlignment(num_classes, config.balance_tau, config.balance_momentum, dev)
             if resolved["pseudo_label_balance"] == "align"
             else None
         )
+        self.histogram = torch.zeros(num_classes, dtype=torch.long, device=dev)
+        self.history: list[dict[str, Any]] = []
+        self.order = _EpochOrder(num_images, self.batch, self.steps_per_epoch, self.gen)
+        self.step = self.start_step = 0
+        self.seconds = 0.0
 
-        def teacher_logits(weak: torch.Tensor) -> torch.Tensor:
-            with (
-                torch.no_grad(),
-                torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None),
-            ):
-                teacher = nn.functional.normalize(encode(weak, None).float(), dim=-1)
-                return frozen_head(teacher)  # type: ignore[no-any-return]
+    def _encode(self, x: torch.Tensor, prompts: torch.Tensor | None) -> torch.Tensor:
+        return self.tower(x, prompts, self.state.ln_overrides())  # type: ignore[no-any-return]
 
-        def train_step(weak: torch.Tensor, strong: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            with torch.no_grad():
-                logits_t = teacher_logits(weak)
-                if align is not None:
-                    logits_t = align(logits_t)
-                pseudo = logits_t.argmax(dim=1)
-            with torch.autocast(dev.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = state.head(encode(strong, state.prompts))
-            loss = loss_fn(logits.float(), pseudo)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return loss.detach(), pseudo
+    def _autocast(self) -> Any:
+        return torch.autocast(
+            self.dev.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        )
 
-        histogram = torch.zeros(len(class_names), dtype=torch.long, device=dev)
-        window_hist = torch.zeros_like(histogram)
-        ones = torch.ones(batch, dtype=torch.long, device=dev)
-        history: list[dict[str, Any]] = []
-        order = _EpochOrder(n, batch, int(resolved["steps_per_epoch"]), gen)
-        step = 0
-        if resume_from is not None:
-            state.load_state_dict(resume_from.trainable)
-            opt.load_state_dict(resume_from.optimizer)
-            order.restore(resume_from.order_rng)
-            torch.set_rng_state(resume_from.cpu_rng)
-            if dev.type == "cuda" and resume_from.device_rng is not None:
-                torch.cuda.set_rng_state(resume_from.device_rng, dev)
-            histogram += torch.tensor(resume_from.histogram, dtype=torch.long, device=dev)
-            history = [dict(h) for h in resume_from.history]
-            step = resume_from.step
-            if align is not None and resume_from.teacher_prior is not None:
-                align.load(resume_from.teacher_prior)
-            log.info("LaFTer: resuming at step %d of %d", step, total)
-        elif (
-            align is not None and resolved["balance_prior_init"] == "pool" and isinstance(images, ImageCache)
-        ):
-            # the running mean starts from the teacher's view of the images themselves, not one batch
-            align.warm_start(_pool_probabilities(images, teacher_logits, backbone, batch))
-        start_step = step
+    def teacher_logits(self, weak: torch.Tensor) -> torch.Tensor:
+        """The current tower without prompts on the weak view, normalised, through the frozen head."""
+        with torch.no_grad(), self._autocast():
+            teacher = nn.functional.normalize(self.encode(weak, None).float(), dim=-1)
+            return self.frozen_head(teacher)  # type: ignore[no-any-return]
 
-        def snapshot() -> AdaptCheckpoint:
-            return AdaptCheckpoint(
-                step=step,
-                fingerprint=fingerprint,
-                trainable={k: v.detach().cpu().clone() for k, v in state.state_dict().items()},
-                optimizer=_cpu_copy(opt.state_dict()),
-                order_rng=order.rng_for(step),
-                cpu_rng=torch.get_rng_state(),
-                device_rng=torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
-                histogram=histogram.tolist(),
-                history=[dict(h) for h in history],
-                teacher_prior=align.state() if align is not None else None,
-            )
+    def pseudo_labels(self, weak: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            logits = self.teacher_logits(weak)
+            if self.align is not None:
+                logits = self.align(logits)
+            return logits.argmax(dim=1)
 
+    def update(self, strong: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """One optimiser step of the student (prompted tower, trainable head) on the strong view."""
+        with self._autocast():
+            logits = self.state.head(self.encode(strong, self.state.prompts))
+        loss = self.loss_fn(logits.float(), pseudo)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def restore(self, saved: AdaptCheckpoint) -> None:
+        self.state.load_state_dict(saved.trainable)
+        self.opt.load_state_dict(saved.optimizer)
+        self.order.restore(saved.order_rng)
+        torch.set_rng_state(saved.cpu_rng)
+        if self.dev.type == "cuda" and saved.device_rng is not None:
+            torch.cuda.set_rng_state(saved.device_rng, self.dev)
+        self.histogram += torch.tensor(saved.histogram, dtype=torch.long, device=self.dev)
+        self.history = [dict(h) for h in saved.history]
+        self.step = self.start_step = saved.step
+        if self.align is not None and saved.teacher_prior is not None:
+            self.align.load(saved.teacher_prior)
+        log.info("LaFTer: resuming at step %d of %d", self.step, self.total)
+
+    def snapshot(self, fingerprint: dict[str, Any]) -> AdaptCheckpoint:
+        return AdaptCheckpoint(
+            step=self.step,
+            fingerprint=fingerprint,
+            trainable={k: v.detach().cpu().clone() for k, v in self.state.state_dict().items()},
+            optimizer=_cpu_copy(self.opt.state_dict()),
+            order_rng=self.order.rng_for(self.step),
+            cpu_rng=torch.get_rng_state(),
+            device_rng=torch.cuda.get_rng_state(self.dev) if self.dev.type == "cuda" else None,
+            histogram=self.histogram.tolist(),
+            history=[dict(h) for h in self.history],
+            teacher_prior=self.align.state() if self.align is not None else None,
+        )
+
+    def train(
+        self,
+        batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+        fingerprint: dict[str, Any],
+        progress: ProgressCallback | None,
+        should_cancel: CancelCheck | None,
+        checkpoint: CheckpointHook | None,
+    ) -> None:
+        """Every remaining step: pseudo-labels, update, counts; a progress event every ``log_every``
+        steps (loss, speed and pseudo-label histogram over the window) and the checkpoint hook after
+        every step. The loss and counts stay on the device between events (no per-step sync)."""
+        window = _Window(self.histogram, self.batch)
         start = time.perf_counter()
-        window_start, window_images, window_steps = start, 0, 0
-        loss_sum = torch.zeros((), device=dev)
-        if isinstance(images, ImageCache):
-            batches = _cached_batches(images, total, order, dev, backbone, start_step, resolved)
-        else:
-            batches = _reference_batches(images, batch, total, gen, backbone, config)
         for weak, strong in batches:
-            check_cancel(should_cancel, STAGE, step)
-            loss, pseudo = train_step(weak, strong)
-            step += 1
-            loss_sum += loss
-            # scatter, not bincount: bincount on CUDA reads the max back to the host (a sync per step)
-            counts = torch.zeros_like(histogram).index_add_(0, pseudo, ones[: pseudo.shape[0]])
-            histogram += counts
-            window_hist += counts
-            window_images += int(pseudo.shape[0])
-            window_steps += 1
-            if progress is not None and (step % config.log_every == 0 or step == total):
-                now = time.perf_counter()
-                metrics = {
-                    "loss": float(loss_sum.item()) / window_steps,
-                    "images_per_s": window_images / max(now - window_start, 1e-9),
-                    "pseudo_label_histogram": window_hist.tolist(),
-                    "epoch": (step - 1) // max(1, resolved["steps_per_epoch"]) + 1,
-                }
-                history.append({"step": step, **metrics})
-                progress(ProgressEvent(STAGE, step, total, metrics))
-                loss_sum.zero_()
-                window_hist.zero_()
-                window_start, window_images, window_steps = now, 0, 0
+            check_cancel(should_cancel, STAGE, self.step)
+            pseudo = self.pseudo_labels(weak)
+            loss = self.update(strong, pseudo)
+            self.step += 1
+            self.histogram += window.add(loss, pseudo)
+            if progress is not None and (self.step % self.config.log_every == 0 or self.step == self.total):
+                metrics = window.close(self.step, self.steps_per_epoch)
+                self.history.append({"step": self.step, **metrics})
+                progress(ProgressEvent(STAGE, self.step, self.total, metrics))
             if checkpoint is not None:
-                checkpoint(step, total, snapshot)
-        seconds = time.perf_counter() - start
+                checkpoint(self.step, self.total, lambda: self.snapshot(fingerprint))
+        self.seconds = time.perf_counter() - start
 
-    adapted = AdaptedModel(
-        base_spec=backbone.spec,
-        class_names=list(class_names),
-        tensors=state.export(),
-        kind="lafter",
-        normalize_features=False,
-        metadata={"hyperparameters": _jsonable(resolved), "steps": step},
-    )
-    return AdaptResult(
-        model=adapted,
-        steps=step,
-        epochs=int(resolved["epochs"]),
-        resolved=resolved,
-        history=history,
-        pseudo_label_histogram=histogram.tolist(),
-        images_per_s=(step - start_step) * batch / max(seconds, 1e-9),
-        seconds=seconds,
-        resumed_from_step=start_step,
-    )
+
+class _Window:
+    """The steps since the last progress event: summed loss, images and pseudo-label counts."""
+
+    def __init__(self, histogram: torch.Tensor, batch: int) -> None:
+        self.counts = torch.zeros_like(histogram)
+        self.ones = torch.ones(batch, dtype=torch.long, device=histogram.device)
+        self.loss = torch.zeros((), device=histogram.device)
+        self.start, self.images, self.steps = time.perf_counter(), 0, 0
+
+    def add(self, loss: torch.Tensor, pseudo: torch.Tensor) -> torch.Tensor:
+        """Count a step; returns its pseudo-label counts. A scatter, not bincount: bincount on CUDA
+        reads the max back to the host (a sync per step)."""
+        counts = torch.zeros_like(self.counts).index_add_(0, pseudo, self.ones[: pseudo.shape[0]])
+        self.loss += loss
+        self.counts += counts
+        self.images += int(pseudo.shape[0])
+        self.steps += 1
+        return counts
+
+    def close(self, step: int, steps_per_epoch: int) -> dict[str, Any]:
+        now = time.perf_counter()
+        metrics = {
+            "loss": float(self.loss.item()) / self.steps,
+            "images_per_s": self.images / max(now - self.start, 1e-9),
+            "pseudo_label_histogram": self.counts.tolist(),
+            "epoch": (step - 1) // max(1, steps_per_epoch) + 1,
+        }
+        self.loss.zero_()
+        self.counts.zero_()
+        self.start, self.images, self.steps = now, 0, 0
+        return metrics
 
 
 class _EpochOrder:

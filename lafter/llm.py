@@ -1,10 +1,12 @@
 """Language-model access for stage 0: OpenAI-compatible chat completions through the ``openai`` package.
 
 Any server that speaks the chat-completions protocol works (OpenAI, vLLM, Ollama, llama.cpp,
-LiteLLM, ...). Retries are done here rather than by the ``openai`` package so the policy is explicit
-and testable: transient failures (5xx, 429, timeouts, connection errors, unparsable bodies) are
-retried with exponential backoff and jitter; the rest (bad request, auth, not found) fail at once,
-because repeating them only delays an error the user has to fix.
+LiteLLM, ...). Transient HTTP failures (408, 409, 429, 5xx, timeouts, connection errors) are retried
+by the ``openai`` package itself (``LLMConfig.max_retries`` times, exponential backoff with jitter,
+``Retry-After`` honoured); the rest (bad request, auth, not found) fail at once, because repeating
+them only delays an error the user has to fix. What the package cannot know is retried here: a 200
+whose body is not a usable chat completion (not JSON, no choices), with the same number of retries
+and an exponential backoff of ``LLMConfig.backoff_s``.
 
 Answers are cleaned to one plain sentence each, since LaFTer feeds them verbatim to CLIP's text
 encoder, whose context is short and which was trained on caption-like text rather than chat prose.
@@ -15,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import random
 import re
@@ -42,8 +43,7 @@ PLACEHOLDER_API_KEY = "sk-no-key-required"
 
 DEFAULT_SYSTEM_PROMPT = "Answer with one short, concrete, visual sentence. No lists, no preamble."
 
-# Longest wait between two attempts, whatever the backoff or a Retry-After header asks for: a
-# description job should fail visibly rather than sit silent for minutes.
+# Longest wait between two attempts after an unusable body.
 MAX_BACKOFF_S = 30.0
 
 # OpenAI rejects larger ``n``; ask in chunks instead.
@@ -278,28 +278,22 @@ def _dedupe_key(answer: str) -> str:
 # the client
 
 
-class _AttemptFailure(Exception):
-    """One failed request attempt: ``retryable`` tells the retry loop whether to try again."""
-
-    def __init__(self, message: str, *, retryable: bool, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retryable = retryable
-        self.retry_after_s = retry_after_s
+class _UnusableBody(Exception):
+    """A 200 whose body is not a usable chat completion: worth asking again."""
 
 
-def _retry_after_seconds(error: openai.APIStatusError) -> float | None:
-    try:
-        value = error.response.headers.get("retry-after")
-        return float(value) if value is not None else None
-    except (AttributeError, TypeError, ValueError):
-        return None  # an HTTP date or garbage: fall back to our own backoff
+class _Attempts(threading.local):
+    """HTTP requests made by the current call in this thread (the ``openai`` package's retries
+    included), counted by an httpx event hook so an error can say how often it was tried."""
+
+    count = 0
 
 
 class LLMClient:
     """Thread-safe: one instance serves every worker thread of ``complete_many``.
 
-    ``sleep`` and ``rng`` are injectable so tests can observe the backoff schedule without waiting
-    for it.
+    ``sleep`` and ``rng`` (the backoff after an unusable body) are injectable so tests can observe
+    that schedule without waiting for it.
     """
 
     def __init__(
@@ -313,14 +307,19 @@ class LLMClient:
         self._sleep = sleep
         self._rng = rng if rng is not None else random.Random()
         self._rng_lock = threading.Lock()
+        self._attempts = _Attempts()
         self._client: openai.OpenAI | None = None
         if self.config.configured:
             self._client = openai.OpenAI(
                 base_url=self.config.effective_base_url,
                 api_key=self.config.effective_api_key,
                 timeout=self.config.timeout_s,
-                max_retries=0,
+                max_retries=self.config.max_retries,
+                http_client=openai.DefaultHttpxClient(event_hooks={"request": [self._count_attempt]}),
             )
+
+    def _count_attempt(self, _request: object) -> None:
+        self._attempts.count += 1
 
     def close(self) -> None:
         if self._client is not None:
@@ -477,28 +476,26 @@ class LLMClient:
             )
         return self._client
 
-    def _backoff(self, attempt: int, retry_after_s: float | None) -> float:
+    def _backoff(self, attempt: int) -> float:
         """Equal-jitter exponential backoff: the delay for attempt k lies in [b*2^k/2, b*2^k], so
-        concurrent workers hitting the same overloaded server spread out but never retry at once."""
+        concurrent workers asking the same server spread out but never retry at once."""
         base = self.config.backoff_s * (2**attempt)
         with self._rng_lock:
             delay = base / 2 + self._rng.uniform(0.0, base / 2)
-        if retry_after_s is not None and math.isfinite(retry_after_s) and retry_after_s > 0:
-            delay = max(delay, retry_after_s)
         return min(delay, MAX_BACKOFF_S)
 
     def _request_with_retries(self, client: openai.OpenAI, prompt: str, n: int) -> list[str | None]:
+        """One request (the ``openai`` package retries transient HTTP failures), asked again up to
+        ``max_retries`` times while the answer is a 200 with an unusable body."""
         attempts = self.config.max_retries + 1
+        self._attempts.count = 0
         for attempt in range(attempts):
             try:
                 return self._request_once(client, prompt, n)
-            except _AttemptFailure as failure:
-                if not failure.retryable or attempt == attempts - 1:
-                    raise LLMError(
-                        f"{self._where()} failed after {attempt + 1} attempt(s) for prompt {prompt!r}: "
-                        f"{failure}"
-                    ) from failure
-                delay = self._backoff(attempt, failure.retry_after_s)
+            except _UnusableBody as failure:
+                if attempt == attempts - 1:
+                    raise self._failed(prompt, str(failure)) from failure
+                delay = self._backoff(attempt)
                 logger.warning(
                     "%s: attempt %d/%d failed (%s); retrying in %.2fs",
                     self._where(),
@@ -509,6 +506,10 @@ class LLMClient:
                 )
                 self._sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _failed(self, prompt: str, why: str) -> LLMError:
+        tried = max(1, self._attempts.count)
+        return LLMError(f"{self._where()} failed after {tried} attempt(s) for prompt {prompt!r}: {why}")
 
     def _request_once(self, client: openai.OpenAI, prompt: str, n: int) -> list[str | None]:
         messages: list[ChatCompletionMessageParam] = []
@@ -524,22 +525,16 @@ class LLMClient:
                 n=n,
             )
         except openai.APITimeoutError:
-            raise _AttemptFailure(f"timed out after {self.config.timeout_s:g}s", retryable=True) from None
+            raise self._failed(prompt, f"timed out after {self.config.timeout_s:g}s") from None
         except openai.APIConnectionError as exc:
-            raise _AttemptFailure(f"connection error: {exc}", retryable=True) from exc
+            raise self._failed(prompt, f"connection error: {exc}") from exc
         except openai.APIStatusError as exc:
-            code = exc.status_code
-            retryable = code == 429 or code >= 500
             detail = exc.message if len(exc.message) <= 300 else exc.message[:300] + "..."
-            raise _AttemptFailure(
-                f"HTTP {code}: {detail}",
-                retryable=retryable,
-                retry_after_s=_retry_after_seconds(exc) if retryable else None,
-            ) from exc
+            raise self._failed(prompt, f"HTTP {exc.status_code}: {detail}") from exc
         except ValueError as exc:  # a 200 whose body claims JSON but does not parse
-            raise _AttemptFailure(f"response is not valid JSON ({exc})", retryable=True) from exc
+            raise _UnusableBody(f"response is not valid JSON ({exc})") from exc
         except openai.OpenAIError as exc:
-            raise _AttemptFailure(f"{type(exc).__name__}: {exc}", retryable=True) from exc
+            raise self._failed(prompt, f"{type(exc).__name__}: {exc}") from exc
         return self._extract_contents(response)
 
     @staticmethod
@@ -550,7 +545,7 @@ class LLMClient:
         if not isinstance(choices, list) or not choices:
             shown = repr(response)
             shown = shown if len(shown) <= 200 else shown[:200] + "..."
-            raise _AttemptFailure(f"response is not a chat completion (no choices): {shown}", retryable=True)
+            raise _UnusableBody(f"response is not a chat completion (no choices): {shown}")
         contents: list[str | None] = []
         for choice in choices:
             message = getattr(choice, "message", None)

@@ -1,6 +1,6 @@
 """The Celery application: ``celery -A worker.celery_app worker --pool=solo -Q gpu``.
 
-Configured for long GPU jobs in ``app.core.queue.make_celery``: late acks, rejected (requeued) on
+Configured for long GPU jobs in ``app.core.broker.make_celery``: late acks, rejected (requeued) on
 worker loss, prefetch 1, a broker visibility timeout longer than the longest job, one ``gpu`` queue.
 """
 
@@ -10,7 +10,7 @@ import logging
 
 from celery.signals import worker_process_init, worker_shutting_down
 
-from app.core.queue import make_celery
+from app.core.broker import make_celery
 from app.core.settings import get_settings
 
 settings = get_settings()

@@ -12,14 +12,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.db import utcnow
-from app.core.queue import CancelSignals
+from app.core.broker import CancelSignals
 from app.core.settings import Settings
-from app.jobs import repository
-from app.jobs.tables import STAGES, Job
+from app.jobs import repository, transitions
+from app.jobs.tables import ACTIVE, STAGES, JobStatus
 from lafter.progress import ProgressEvent
 
 log = logging.getLogger(__name__)
@@ -146,39 +144,39 @@ class JobReporter:
         fraction = step / total if total else 0.0
         percent = overall_percent(stage, fraction)
         with self.sessions() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.status.in_(LIVE))
-                .values(
-                    stage=stage,
-                    step=step,
-                    total_steps=total,
-                    stage_percent=100.0 * fraction,
-                    percent=percent,
-                    eta_seconds=self.eta.estimate(),
-                    heartbeat_at=utcnow(),
-                )
+            transitions.report(
+                session,
+                self.job_id,
+                self.attempt,
+                stage=stage,
+                step=step,
+                total_steps=total,
+                stage_percent=100.0 * fraction,
+                percent=percent,
+                eta_seconds=self.eta.estimate(),
             )
             session.commit()
 
     def __call__(self, event: ProgressEvent) -> None:
         """The ``lafter`` progress callback."""
+        if event.starts_stage:
+            # The stage may have been started here already, with what the worker did first (loading
+            # the base model, decoding the images).
+            if event.stage != self.stage:
+                self.start_stage(event.stage, event.message)
+            return
         stage = event.stage if event.stage in STAGE_WEIGHTS else self.stage
         last = event.total > 0 and event.step >= event.total
         self._write_progress(stage, event.step, event.total, force=last)
         if event.metrics:
             self.metric(event.step, {k: v for k, v in event.metrics.items() if _jsonable(v)})
         if event.message:
-            self.log(event.message)
+            self.log(event.message, level=event.level)
 
     def step(self, step: int, total: int) -> None:
         """A training step finished: the row's ``step`` follows it (throttled), between the library's
         less frequent progress events."""
         self._write_progress(self.stage, step, total, force=step >= total)
-
-
-# A job this worker still owns is in one of these statuses.
-LIVE = ("running", "cancelling")
 
 
 class JobWatch:
@@ -240,13 +238,9 @@ class JobWatch:
     def _beat(self) -> None:
         try:
             with self.sessions() as session:
-                done = session.execute(
-                    update(Job)
-                    .where(Job.id == self.job_id, Job.attempts == self.attempt, Job.status.in_(LIVE))
-                    .values(heartbeat_at=utcnow())
-                )
+                mine = transitions.heartbeat(session, self.job_id, self.attempt)
                 session.commit()
-            if done.rowcount == 0:  # type: ignore[attr-defined]
+            if not mine:
                 self._lose()
         except Exception:  # a missed beat is not worth killing the job for
             log.warning("heartbeat for job %s failed", self.job_id, exc_info=True)
@@ -254,15 +248,13 @@ class JobWatch:
     def _poll(self) -> None:
         try:
             with self.sessions() as session:
-                row = session.execute(
-                    select(Job.status, Job.attempts).where(Job.id == self.job_id)
-                ).one_or_none()
+                row = repository.status_of(session, self.job_id)
         except Exception:
             log.warning("status read for job %s failed", self.job_id, exc_info=True)
             return
-        if row is None or row.attempts != self.attempt or row.status not in LIVE:
+        if row is None or row[1] != self.attempt or row[0] not in ACTIVE:
             self._lose()
-        elif row.status == "cancelling":
+        elif row[0] == JobStatus.CANCELLING:
             self.cancel_requested.set()
 
     def _lose(self) -> None:

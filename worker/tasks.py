@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import logging
 
+from app.core.broker import RUN_JOB_TASK, message_taken
 from app.core.db import get_sessionmaker
-from app.core.queue import RUN_JOB_TASK, message_taken
 from app.core.settings import get_settings
 from app.core.storage import get_storage
 from worker.celery_app import app

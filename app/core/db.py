@@ -6,7 +6,7 @@ The request (or the task) owns the transaction: services add and flush, the rout
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -120,3 +120,31 @@ def get_session() -> Iterator[Session]:
             if not exc.connection_invalidated:
                 raise
             log.warning("database connection lost while closing a session: %s", exc.orig)
+
+
+# --- work that must wait for the commit ------------------------------------------------------
+
+_AFTER_COMMIT = "lafter_after_commit"
+
+
+def after_commit(session: Session, action: Callable[[], None]) -> None:
+    """Run ``action`` once the session's transaction commits, and never if it rolls back: so a
+    service can ask for broker work (send a job, signal a cancel) and still leave the commit to its
+    caller, and no worker gets an id whose row it cannot see. A failing action is logged; the
+    reaper repairs whatever it left undone."""
+    if not event.contains(session, "after_commit", _run_after_commit):
+        event.listen(session, "after_commit", _run_after_commit)
+        event.listen(session, "after_rollback", _drop_after_commit)
+    session.info.setdefault(_AFTER_COMMIT, []).append(action)
+
+
+def _run_after_commit(session: Session) -> None:
+    for action in session.info.pop(_AFTER_COMMIT, []):
+        try:
+            action()
+        except Exception:
+            log.warning("post-commit action %r failed", action, exc_info=True)
+
+
+def _drop_after_commit(session: Session) -> None:
+    session.info.pop(_AFTER_COMMIT, None)

@@ -94,12 +94,6 @@ class TooLarge(ApiError):
     title = "Payload too large"
 
 
-class Unavailable(ApiError):
-    status = 503
-    code = "unavailable"
-    title = "Service unavailable"
-
-
 def problem(
     status: int,
     code: str,
@@ -223,7 +217,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LafterError)
     async def _lafter(request: Request, exc: LafterError) -> JSONResponse:
-        return problem(422, exc.code, exc.message, instance=request.url.path)
+        # The library's refusals of what a request asked (class names, specs, settings): its code,
+        # and the part of the request at fault when the error names one.
+        field = getattr(exc, "field", None)
+        return problem(422, exc.code, exc.message, field=field, instance=request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -38,15 +38,13 @@ class JobStatusCollector(Collector):
         yield GaugeMetricFamily("lafter_jobs", "Jobs by status", labels=["status"])
 
     def collect(self) -> Iterable[Metric]:
-        from sqlalchemy import func, select
-
         from app.core.db import get_sessionmaker
-        from app.jobs.tables import Job
+        from app.jobs import repository
 
         gauge = GaugeMetricFamily("lafter_jobs", "Jobs by status", labels=["status"])
         try:
             with get_sessionmaker()() as session:
-                for status, count in session.execute(select(Job.status, func.count()).group_by(Job.status)):
+                for status, count in repository.count_by_status(session).items():
                     gauge.add_metric([status], float(count))
         except Exception:  # a scrape must not fail because the database blinked
             log.warning("could not count jobs for /metrics", exc_info=True)

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)  # an Idempotency-Key names one job this long
 
-    # --- crash-safe jobs, per-owner caps (worker/, app/core/reaper.py) --------------------------
+    # --- crash-safe jobs, per-owner caps (worker/, app/jobs/reaper.py) --------------------------
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)  # no heartbeat this long: its worker is lost
     max_job_attempts: int = Field(default=3, ge=1)  # runs of a job before a lost worker fails it
     reaper_interval_s: float = Field(default=5.0, ge=0)  # the API's housekeeping loop; 0: not here

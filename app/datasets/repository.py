@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from sqlalchemy import Select, delete, func, select, update
+from sqlalchemy import Select, delete, select, update
 from sqlalchemy.orm import Session
 
 from app.datasets.tables import Dataset, DatasetImage
@@ -95,12 +95,3 @@ def unreferenced_keys(session: Session, keys: Iterable[str]) -> list[str]:
 def delete_dataset(session: Session, dataset_id: str) -> None:
     session.execute(delete(DatasetImage).where(DatasetImage.dataset_id == dataset_id))
     session.execute(delete(Dataset).where(Dataset.id == dataset_id))
-
-
-def count_images(session: Session, dataset_id: str) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).select_from(DatasetImage).where(DatasetImage.dataset_id == dataset_id)
-        )
-        or 0
-    )

@@ -6,7 +6,6 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any, Literal
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.auth import Owner
@@ -17,16 +16,8 @@ from app.core.metrics import UPLOADED_FILES
 from app.core.settings import Settings
 from app.core.storage import BlobWrites
 from app.datasets import repository
-from app.datasets.ingest import (
-    SIZE_CODES,
-    Candidate,
-    DecodedImage,
-    Limits,
-    Rejection,
-    decode_image,
-    iter_archive,
-    looks_like_archive,
-)
+from app.datasets.archives import iter_archive, looks_like_archive
+from app.datasets.images import SIZE_CODES, Candidate, DecodedImage, Limits, Rejection, decode_image
 from app.datasets.schemas import (
     AcceptedFile,
     DatasetCreate,
@@ -36,7 +27,7 @@ from app.datasets.schemas import (
     UploadReport,
 )
 from app.datasets.tables import Dataset, DatasetImage
-from app.jobs.tables import Job
+from app.jobs import repository as jobs
 
 
 @dataclass
@@ -344,11 +335,7 @@ def delete(session: Session, owner: Owner, dataset_id: str) -> list[str]:
     """Delete the dataset and its images; returns blob keys to delete after the commit. The row is
     locked first: uploads and job submissions in progress finish before the checks below run."""
     ds = get(session, owner, dataset_id, lock="delete")
-    active = session.scalar(
-        select(Job.id)
-        .where(Job.dataset_id == ds.id, Job.status.in_(("queued", "running", "cancelling")))
-        .limit(1)
-    )
+    active = jobs.unfinished_job_of_dataset(session, ds.id)
     if active is not None:
         raise Conflict(f"dataset {ds.id} is used by unfinished job {active}", code="dataset_in_use")
     keys = repository.storage_keys(session, ds.id)

@@ -9,10 +9,10 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from app.core.broker import check_broker
 from app.core.db import get_engine
 from app.core.errors import problem
 from app.core.metrics import REGISTRY
-from app.core.queue import check_broker
 from app.core.settings import Settings, get_settings
 from app.core.storage import get_storage
 

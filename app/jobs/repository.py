@@ -1,16 +1,45 @@
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import ColumnElement, Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from app.jobs.tables import Job, JobEvent
+from app.jobs.tables import ACTIVE, UNFINISHED, Job, JobEvent, JobStatus
 
-# Jobs that hold one of their owner's slots while they run (LAFTER_MAX_ACTIVE_JOBS_PER_OWNER).
-ACTIVE = ("running", "cancelling")
+if TYPE_CHECKING:
+    from app.core.storage import BlobStorage
+
+log = logging.getLogger(__name__)
+
+
+def get_any(session: Session, job_id: str, *, for_update: bool = False) -> Job | None:
+    """A job whatever its owner (the worker, the reaper, the dispatcher)."""
+    stmt = select(Job).where(Job.id == job_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    return session.scalar(stmt)
+
+
+def status_of(session: Session, job_id: str) -> tuple[str, int] | None:
+    """(status, attempts) of a job, or None when it does not exist."""
+    row = session.execute(select(Job.status, Job.attempts).where(Job.id == job_id)).one_or_none()
+    return None if row is None else (row.status, row.attempts)
+
+
+def unfinished_job_of_dataset(session: Session, dataset_id: str) -> str | None:
+    """The id of a queued or running job that uses the dataset, if any."""
+    stmt = select(Job.id).where(Job.dataset_id == dataset_id, Job.status.in_(UNFINISHED)).limit(1)
+    return session.scalar(stmt)
+
+
+def jobs_of_model(session: Session, owner_id: str, model_id: str) -> Sequence[str]:
+    """The owner's jobs that name ``model_id``, locked."""
+    stmt = select(Job.id).where(Job.owner_id == owner_id, Job.model_id == model_id).with_for_update()
+    return session.scalars(stmt).all()
 
 
 def get(session: Session, owner_id: str, job_id: str, *, for_update: bool = False) -> Job | None:
@@ -85,6 +114,14 @@ def checkpoint_key(job_id: str) -> str:
     return f"jobs/{job_id}/checkpoint.pt"
 
 
+def delete_checkpoint(storage: BlobStorage, job_id: str) -> None:
+    """Drop a finished job's checkpoint; a failure is logged (the blob is only wasted space)."""
+    try:
+        storage.delete(checkpoint_key(job_id))
+    except Exception:
+        log.warning("could not delete the checkpoint of job %s", job_id, exc_info=True)
+
+
 def _older(other: Any, created_at: datetime, job_id: str) -> ColumnElement[bool]:
     return or_(other.created_at < created_at, and_(other.created_at == created_at, other.id < job_id))
 
@@ -101,7 +138,9 @@ def holds_slot(owner_id: str, created_at: datetime, job_id: str, cap: int) -> Co
     ahead = (
         select(func.count())
         .select_from(other)
-        .where(other.owner_id == owner_id, other.status == "queued", _older(other, created_at, job_id))
+        .where(
+            other.owner_id == owner_id, other.status == JobStatus.QUEUED, _older(other, created_at, job_id)
+        )
     )
     return running.scalar_subquery() + ahead.scalar_subquery() < cap
 
@@ -113,7 +152,7 @@ def active_count(session: Session, owner_id: str) -> int:
 
 def slot_holders(session: Session, owner_id: str, cap: int) -> Sequence[Job]:
     """The owner's queued jobs that hold a slot (all of them with no cap), oldest first."""
-    stmt = select(Job).where(Job.owner_id == owner_id, Job.status == "queued")
+    stmt = select(Job).where(Job.owner_id == owner_id, Job.status == JobStatus.QUEUED)
     stmt = stmt.order_by(Job.created_at, Job.id)
     if cap:
         free = cap - active_count(session, owner_id)
@@ -126,19 +165,27 @@ def slot_holders(session: Session, owner_id: str, cap: int) -> Sequence[Job]:
 def queue_position(session: Session, job: Job, cap: int) -> int | None:
     """1 for the owner's next job to get a slot, 2 for the one after...; None for a job that is not
     waiting for a slot (not queued, or already sent to the workers)."""
-    if job.status != "queued" or not cap:
+    if job.status != JobStatus.QUEUED or not cap:
         return None
     ahead = session.scalar(
         select(func.count())
         .select_from(Job)
-        .where(Job.owner_id == job.owner_id, Job.status == "queued", _older(Job, job.created_at, job.id))
+        .where(
+            Job.owner_id == job.owner_id, Job.status == JobStatus.QUEUED, _older(Job, job.created_at, job.id)
+        )
     )
     waiting_ahead = int(ahead or 0) - max(0, cap - active_count(session, job.owner_id))
     return None if waiting_ahead < 0 else waiting_ahead + 1
 
 
+def count_by_status(session: Session) -> dict[str, int]:
+    """Every owner's jobs, counted by status (for /metrics)."""
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status))
+    return {status: int(count) for status, count in rows}
+
+
 def owners_with_queued_jobs(session: Session) -> list[str]:
-    return list(session.scalars(select(Job.owner_id).where(Job.status == "queued").distinct()))
+    return list(session.scalars(select(Job.owner_id).where(Job.status == JobStatus.QUEUED).distinct()))
 
 
 def stale_jobs(session: Session, cutoff: datetime, limit: int = 100) -> Sequence[Job]:

@@ -7,11 +7,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.auth import Owner, current_owner
-from app.core.db import get_session, utcnow
+from app.core.db import get_session
 from app.core.errors import Invalid
 from app.core.metrics import JOBS_CREATED
 from app.core.pagination import Page, PageParams, page_params, paginate
-from app.core.queue import enqueue_job
 from app.core.settings import Settings, get_settings
 from app.jobs import repository, service
 from app.jobs.schemas import JobCreate, JobEventOut, JobOut, JobStatus
@@ -38,19 +37,10 @@ def create_job(
         # unique (owner, key) index let one insert win; the loser answers with the winner's job.
         session.rollback()
         job, created = service.create(session, owner, body, settings, idempotency_key=idempotency_key)
-        session.commit()  # a job made on this second try must be visible before it is enqueued
+        session.commit()
     if not created:
         response.status_code = status.HTTP_200_OK
         return service.to_out(job)
-    # Enqueue only now that the row is committed and visible to a worker.
-    try:
-        enqueue_job(job.id)
-        job.enqueued_at = utcnow()
-        session.commit()
-    except Exception:
-        # The row stays queued (the job row is the truth); re-enqueue from Postgres can pick it up.
-        log.exception("could not enqueue job %s", job.id)
-        session.rollback()
     JOBS_CREATED.inc()
     return service.to_out(job)
 

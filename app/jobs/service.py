@@ -1,7 +1,7 @@
-"""Job rules: validation before queueing, cancellation, presentation. Never commits or enqueues:
-the router commits, then enqueues (a worker must never get an id whose row it cannot see); broker
-work a rule needs (a cancel signal, the next job of a freed slot) runs after that commit
-(``queue.after_commit``)."""
+"""Job rules: validation before queueing, cancellation, presentation. Never commits: the router
+does; broker work a rule needs (sending a new job, a cancel signal, the next job of a freed slot)
+runs after that commit (``app.core.db.after_commit``), so a worker never gets an id whose row it
+cannot see."""
 
 from __future__ import annotations
 
@@ -14,60 +14,19 @@ from typing import Any
 from sqlalchemy.orm import Session, object_session
 
 from app.base_models.service import validate_spec
-from app.core import queue, reaper
+from app.core import broker
 from app.core.auth import Owner
-from app.core.db import get_sessionmaker, utcnow
+from app.core.db import after_commit, utcnow
 from app.core.errors import Conflict, Invalid, NotFound
 from app.core.ids import new_id
 from app.core.settings import Settings, get_settings
 from app.datasets import repository as datasets
-from app.jobs import repository
+from app.jobs import repository, transitions
+from app.jobs.dispatch import dispatch_later
 from app.jobs.schemas import JobCreate, JobError, JobEventOut, JobOut, Progress, to_configs
-from app.jobs.tables import TERMINAL, Job, JobEvent
-from lafter.descriptions import class_key, class_text, normalize_class_name
+from app.jobs.tables import TERMINAL, Job, JobEvent, JobStatus
+from lafter.descriptions import class_key, validate_class_names
 from lafter.errors import LafterError
-
-
-def validate_class_names(raw: list[str], settings: Settings) -> list[str]:
-    """The request's class names, normalised by the library's rules (``lafter.descriptions``: NFKC,
-    invisible characters removed, trimmed), with a code and the position of the first that fails."""
-    names = [normalize_class_name(n) for n in raw]
-    for i, name in enumerate(names):
-        if not class_text(name):
-            raise Invalid(
-                f"class name at position {i} is empty or invisible",
-                code="class_name_empty",
-                field=f"class_names.{i}",
-            )
-        if len(name) > settings.max_class_name_length:
-            raise Invalid(
-                f"class name at position {i} is longer than {settings.max_class_name_length} characters",
-                code="class_name_too_long",
-                field=f"class_names.{i}",
-            )
-    seen: dict[str, int] = {}
-    for i, name in enumerate(names):
-        key = class_key(name)
-        if key in seen:
-            raise Invalid(
-                f"class names {raw[seen[key]]!r} (position {seen[key]}) and {raw[i]!r} (position {i}) "
-                "are the same class (case, spaces, underscores, invisible characters and full-width "
-                "forms are ignored)",
-                code="class_names_duplicate",
-                field=f"class_names.{i}",
-            )
-        seen[key] = i
-    if len(names) < 2:
-        raise Invalid(
-            f"need at least 2 class names, got {len(names)}", code="class_names_too_few", field="class_names"
-        )
-    if len(names) > settings.max_classes:
-        raise Invalid(
-            f"at most {settings.max_classes} classes, got {len(names)}",
-            code="class_names_too_many",
-            field="class_names",
-        )
-    return names
 
 
 def _validate_descriptions(body: JobCreate, names: list[str], settings: Settings) -> dict[str, Any]:
@@ -162,7 +121,10 @@ def create(
             prior.idempotency_key = None
             session.flush()
 
-    names = validate_class_names(body.class_names, settings)
+    # A ClassNamesError is answered 422 with its code and the field at fault (app.core.errors).
+    names = validate_class_names(
+        body.class_names, max_length=settings.max_class_name_length, max_classes=settings.max_classes
+    )
     # Locked against deletion until the job row is committed: a delete waits and then sees the job
     # (409 dataset_in_use), or came first and the dataset is gone (dataset_not_found).
     ds = datasets.get(session, owner.id, body.dataset_id, lock="use")
@@ -187,7 +149,7 @@ def create(
         id=new_id("job"),
         owner_id=owner.id,
         dataset_id=ds.id,
-        status="queued",
+        status=JobStatus.QUEUED,
         base_model=spec,
         class_names=names,
         descriptions=descriptions,
@@ -207,6 +169,9 @@ def create(
     repository.add_event(
         session, job.id, "log", message=f"queued: {len(names)} classes, {ds.image_count} images, base {spec}"
     )
+    # Sent to the workers once committed, if its owner has a free slot; otherwise it waits queued
+    # (with its queue_position) until one frees.
+    dispatch_later(session, owner.id)
     return job, True
 
 
@@ -225,38 +190,23 @@ def cancel(session: Session, owner: Owner, job_id: str) -> Job:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     if job.status in TERMINAL:
         raise Conflict(f"job {job.id} already finished ({job.status})", code="job_finished")
-    now = utcnow()
-    if job.status == "queued":
-        job.status = "cancelled"
-        job.finished_at = now
-        job.cancel_requested_at = now
-        job.eta_seconds = None
-        repository.add_event(session, job.id, "log", message="cancelled before it started")
+    changed = transitions.cancel(session, job)
+    if changed == JobStatus.CANCELLED:
         # It may have held a slot: the owner's next waiting job moves up.
-        owner_id = job.owner_id
-        queue.after_commit(session, lambda: _dispatch_owner(owner_id))
-    elif job.status == "running":
-        job.status = "cancelling"
-        job.cancel_requested_at = now
-        repository.add_event(
-            session, job.id, "log", stage=job.stage, message="cancel requested", data={"step": job.step}
-        )
+        dispatch_later(session, job.owner_id)
+    elif changed == JobStatus.CANCELLING:
         # The worker stops before its next step: at once on a Redis broker, else at its next status
         # read (LAFTER_CANCEL_POLL_INTERVAL_S).
         job_id = job.id
-        queue.after_commit(session, lambda: queue.signal_cancel(job_id))
+        after_commit(session, lambda: broker.signal_cancel(job_id))
     session.flush()
     return job
-
-
-def _dispatch_owner(owner_id: str) -> None:
-    reaper.dispatch(get_sessionmaker(), get_settings(), owner_id)
 
 
 def queue_position(job: Job, settings: Settings | None = None) -> int | None:
     """For a queued job beyond its owner's cap: 1 = the next to be sent to the workers."""
     session = object_session(job)
-    if job.status != "queued" or session is None:
+    if job.status != JobStatus.QUEUED or session is None:
         return None
     return repository.queue_position(session, job, (settings or get_settings()).max_active_jobs_per_owner)
 

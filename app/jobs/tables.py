@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import BigInteger, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint
@@ -8,8 +9,24 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from app.core.db import Base, utcnow
 
-STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+class JobStatus(StrEnum):
+    """A job's life: queued -> running -> succeeded | failed, with cancelling -> cancelled on the way
+    (a queued job is cancelled at once). Every change is in ``app.jobs.transitions``."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED})
+# A job with a worker: it holds one of its owner's slots (LAFTER_MAX_ACTIVE_JOBS_PER_OWNER), and only
+# its current attempt may write to it.
+ACTIVE = (JobStatus.RUNNING, JobStatus.CANCELLING)
+UNFINISHED = (JobStatus.QUEUED, *ACTIVE)
 STAGES = ("describing", "encoding_text", "training_text_classifier", "adapting", "evaluating", "registering")
 
 
@@ -25,7 +42,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     owner_id: Mapped[str] = mapped_column(String(64), index=True)
     dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id", ondelete="SET NULL"))
-    status: Mapped[str] = mapped_column(String(16), default="queued")
+    status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED)
     stage: Mapped[str | None] = mapped_column(String(32), default=None)
 
     # What was asked (validated) and what it resolved to.
@@ -57,7 +74,8 @@ class Job(Base):
     # Events written so far: the ``seq`` of the job's next event is this plus one (see add_event).
     event_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
-    # Liveness, for the reaper and re-enqueue of the hardening issue.
+    # Liveness: the attempt number fences every write of a worker; the reaper reads the heartbeat;
+    # ``enqueued_at`` is when the job's message was last sent (null: not sent since it was queued).
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200), default=None)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)

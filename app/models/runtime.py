@@ -8,13 +8,13 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Generic, TypeVar
 
 from app.base_models.service import allowed
 from app.core.backbones import load_base
+from app.core.lru import LRU
 from app.core.metrics import MODEL_LOADS
 from app.core.settings import Settings, get_settings
 from app.models.batching import Batcher
@@ -24,59 +24,7 @@ from lafter.errors import LafterError
 from lafter.predict import AdaptedClassifier, ZeroShotClassifier
 
 log = logging.getLogger(__name__)
-K = TypeVar("K", bound=Hashable)
 _MAX_FAILURES = 256
-V = TypeVar("V")
-
-
-class LRU(Generic[K, V]):
-    """A thread-safe LRU whose ``get_or_load`` loads each key once even under concurrent misses: one
-    lock per key being loaded, shared by every caller that waits for it and dropped when the last
-    of them is done (so a key never has two locks, and failed keys leave nothing behind)."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[K, V] = OrderedDict()
-        self._lock = threading.Lock()
-        self._key_locks: dict[K, tuple[threading.Lock, list[int]]] = {}
-
-    def get_or_load(self, key: K, load: Callable[[], V]) -> V:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-            key_lock, users = self._key_locks.setdefault(key, (threading.Lock(), [0]))
-            users[0] += 1
-        try:
-            with key_lock:
-                with self._lock:
-                    if key in self._items:
-                        self._items.move_to_end(key)
-                        return self._items[key]
-                value = load()
-                with self._lock:
-                    self._items[key] = value
-                    self._items.move_to_end(key)
-                    while len(self._items) > self.capacity:
-                        self._items.popitem(last=False)
-                return value
-        finally:
-            with self._lock:
-                users[0] -= 1
-                if users[0] == 0:
-                    self._key_locks.pop(key, None)
-
-    def discard(self, predicate: Callable[[K], bool]) -> None:
-        with self._lock:
-            for key in [k for k in self._items if predicate(k)]:
-                del self._items[key]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def keys(self) -> list[K]:
-        with self._lock:
-            return list(self._items)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from app.base_models.service import validate_spec
@@ -15,15 +14,15 @@ from app.core.auth import Owner
 from app.core.errors import Invalid, NotFound, TooLarge
 from app.core.metrics import CLASSIFIED_IMAGES
 from app.core.settings import Settings
-from app.datasets.ingest import SIZE_CODES, Candidate, Rejection, decode_for_prediction
+from app.datasets.images import SIZE_CODES, Candidate, Rejection, decode_for_prediction
 from app.datasets.service import limits_from
 from app.jobs import repository as jobs
-from app.jobs.service import validate_class_names
-from app.jobs.tables import Job
+from app.jobs import transitions
 from app.models import repository
 from app.models.runtime import ModelRuntime
 from app.models.schemas import ClassifyResponse, ImagePredictions, ModelOut, Prediction
 from app.models.tables import Model
+from lafter.descriptions import validate_class_names
 from lafter.errors import LafterError
 from lafter.predict import AdaptedClassifier, top_k_labels
 
@@ -63,17 +62,8 @@ def delete(session: Session, owner: Owner, model_id: str) -> None:
     """Delete the model; the job that made it stops naming it (``model_id`` null: a succeeded job
     without a model had its model deleted) and its events say so."""
     model = get(session, owner, model_id)
-    made_by = session.scalars(
-        select(Job.id).where(Job.owner_id == owner.id, Job.model_id == model.id).with_for_update()
-    ).all()
-    for job_id in made_by:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id)
-            .values(model_id=None)
-            .execution_options(synchronize_session=False)
-        )
-        jobs.add_event(session, job_id, "log", message=f"model {model.id} was deleted")
+    for job_id in jobs.jobs_of_model(session, owner.id, model.id):
+        transitions.detach_model(session, job_id, model.id)
     repository.delete_model(session, model.id)
     session.flush()
 
@@ -164,7 +154,9 @@ def classify_zero_shot(
     if class_names is None:
         raise Invalid("class_names is required", code="class_names_too_few", field="class_names")
     spec = validate_spec(base_model, settings)
-    names = validate_class_names(class_names, settings)
+    names = validate_class_names(
+        class_names, max_length=settings.max_class_name_length, max_classes=settings.max_classes
+    )
     try:
         classifier = runtime.zero_shot_classifier(spec, names)
     except LafterError as exc:

@@ -28,6 +28,7 @@ from PIL import Image
 
 from bench.shapes.probe import linear_probe
 from bench.shapes.world import CLASSES, SIZE, make_split
+from lafter.templates import IMAGENET_TEMPLATES
 
 CONFIG: dict[str, Any] = {
     "embed_dim": 64,
@@ -36,16 +37,7 @@ CONFIG: dict[str, Any] = {
 }
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
-TEMPLATES = [
-    "a photo of a {}.",
-    "a bad photo of the {}.",
-    "a {} in a video game.",
-    "a origami {}.",
-    "a photo of the small {}.",
-    "art of the {}.",
-    "a photo of the large {}.",
-    "itap of a {}.",
-]
+TEMPLATES = list(IMAGENET_TEMPLATES)  # CLIP's zero-shot ensemble, as the baseline uses it
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -28,6 +28,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_adapt_then_classify(tmp_path):
+    """The one smoke test as a separate process (``python -m lafter``); the rest run ``cli.main``."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs" / "nested"
     folder.mkdir(parents=True)
@@ -70,15 +71,14 @@ def test_adapt_then_classify(tmp_path):
     assert {p["label"] for r in rows for p in r["predictions"]} <= {"cat", "dog", "horse"}
 
 
-def test_errors_are_reported_with_their_code(tmp_path):
-    res = _run(
-        "adapt", "--model", "ViT-B-32::nope", "--classes", "a,b", "--images", str(tmp_path), "--out", "x"
-    )
-    assert res.returncode == 2 and "[invalid_model_spec]" in res.stderr
+def test_errors_are_reported_with_their_code(tmp_path, capsys):
+    argv = ["adapt", "--model", "ViT-B-32::nope", "--classes", "a,b", "--images", str(tmp_path), "--out", "x"]
+    assert cli.main(argv) == 2
+    assert "[invalid_model_spec]" in capsys.readouterr().err
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"garbage")
-    res = _run("classify", "--artifact", str(bad), str(tmp_path))
-    assert res.returncode == 2 and "[artifact_corrupt]" in res.stderr
+    assert cli.main(["classify", "--artifact", str(bad), str(tmp_path)]) == 2
+    assert "[artifact_corrupt]" in capsys.readouterr().err
 
 
 # --- in process: what the summary says, as the service says it ----------------------------------

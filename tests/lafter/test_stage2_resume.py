@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from lafter.backbone import load_backbone
+from lafter.checkpoint import RunCheckpoint
 from lafter.errors import Cancelled, InvalidInputError
 from lafter.finetune import AdaptCheckpoint, AdaptConfig, AdaptResult, adapt
 from lafter.text_classifier import train_text_classifier
@@ -42,13 +43,17 @@ def text_head(backbone):
     return train_text_classifier(backbone.encode_text(sentences), labels, len(CLASSES), seed=0).head
 
 
+def _load(data: bytes) -> AdaptCheckpoint:
+    return RunCheckpoint.from_bytes(data).adapt
+
+
 def _recorder() -> tuple[list[tuple[int, int]], dict[int, bytes], Callable[..., None]]:
     calls: list[tuple[int, int]] = []
     saved: dict[int, bytes] = {}
 
     def hook(step: int, total: int, snapshot: Callable[[], AdaptCheckpoint]) -> None:
         calls.append((step, total))
-        saved[step] = snapshot().to_bytes()  # through bytes, as a worker stores it
+        saved[step] = RunCheckpoint(snapshot()).to_bytes()  # through bytes, as a worker stores it
 
     return calls, saved, hook
 
@@ -76,7 +81,7 @@ def test_hook_sees_every_step(uninterrupted) -> None:
 @pytest.mark.parametrize("at", [3, 4, 7], ids=["epoch-boundary", "mid-epoch", "last-step"])
 def test_resumed_run_equals_uninterrupted_run(backbone, cache, text_head, uninterrupted, at) -> None:
     full, _, saved = uninterrupted
-    snapshot = AdaptCheckpoint.from_bytes(saved[at])
+    snapshot = _load(saved[at])
     assert snapshot.step == at
     calls, _, hook = _recorder()
     resumed = adapt(
@@ -91,7 +96,7 @@ def test_resumed_run_equals_uninterrupted_run(backbone, cache, text_head, uninte
 
 def test_snapshots_are_copies_not_views_of_the_live_run(uninterrupted) -> None:
     full, _, saved = uninterrupted
-    early = AdaptCheckpoint.from_bytes(saved[1])
+    early = _load(saved[1])
     assert not torch.equal(early.trainable["prompts"], full.model.tensors["prompts"])
     assert early.optimizer["state"]  # the AdamW moments travel with it
 
@@ -112,7 +117,7 @@ def test_a_resumed_run_can_be_cancelled_and_counts_all_its_steps(backbone, cache
             CLASSES,
             CONFIG,
             seed=5,
-            resume_from=AdaptCheckpoint.from_bytes(saved[3]),
+            resume_from=_load(saved[3]),
             should_cancel=stop_after_two,
         )
     assert err.value.step == 5
@@ -120,21 +125,21 @@ def test_a_resumed_run_can_be_cancelled_and_counts_all_its_steps(backbone, cache
 
 def test_resuming_another_run_is_refused(backbone, cache, text_head, uninterrupted) -> None:
     _, _, saved = uninterrupted
-    snapshot = AdaptCheckpoint.from_bytes(saved[3])
+    snapshot = _load(saved[3])
     with pytest.raises(InvalidInputError, match="seed"):
         adapt(backbone, text_head, cache, CLASSES, CONFIG, seed=6, resume_from=snapshot)
     with pytest.raises(InvalidInputError, match="batch_size"):
         other = AdaptConfig(batch_size=6, epochs=3, max_steps=7, prompt_tokens=4)
         adapt(backbone, text_head, cache, CLASSES, other, seed=5, resume_from=snapshot)
     with pytest.raises(InvalidInputError, match="not a stage-2 checkpoint"):
-        AdaptCheckpoint.from_bytes(b"not a checkpoint")
+        _load(b"not a checkpoint")
 
 
 def test_resume_keeps_the_teacher_prior_of_distribution_alignment(backbone, cache, text_head) -> None:
     aligned = AdaptConfig(batch_size=8, epochs=3, max_steps=7, prompt_tokens=4, pseudo_label_balance="align")
     _, saved, hook = _recorder()
     full = adapt(backbone, text_head, cache, CLASSES, aligned, seed=5, checkpoint=hook)
-    snapshot = AdaptCheckpoint.from_bytes(saved[4])
+    snapshot = _load(saved[4])
     assert snapshot.teacher_prior is not None and abs(sum(snapshot.teacher_prior) - 1.0) < 1e-4
     resumed = adapt(backbone, text_head, cache, CLASSES, aligned, seed=5, resume_from=snapshot)
     _same_model(resumed, full)

@@ -13,15 +13,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import psycopg
 import pytest
 import redis
 import sqlalchemy as sa
 
 from tests.lafter.fake_llm import FakeLLMServer
-from tests.service.helpers import REPO, TINY_CONFIG, bearer, create_key, free_port, wait_for, wait_http
+from tests.service.helpers import (
+    REPO,
+    TINY_CONFIG,
+    bearer,
+    create_key,
+    free_port,
+    scratch_database,
+    start_api,
+    wait_for,
+    wait_http,
+)
 
-ADMIN_URL = os.environ.get("LAFTER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("LAFTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 OWNER = "tester"  # the owner of the key ``Service.client`` sends
@@ -58,16 +66,8 @@ class Service:
 
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
-    name = f"lafter_test_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is needed at {ADMIN_URL} (run .ci/run, which starts it): {exc}")
-    base = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("lafter_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -168,14 +168,11 @@ def service(
         ],
         cwd=REPO, env=env, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT,
     )  # fmt: skip
-    api = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=api_log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    api = start_api(env, api_log.open("wb"), port)
     url = f"http://127.0.0.1:{port}"
     engine = sa.create_engine(pg_database)
     try:
-        wait_http(f"{url}/healthz", timeout=60, proc=api)
+        wait_http(f"{url}/healthz", timeout=180, proc=api)  # imports take a minute on 2 busy cores
         wait_for(
             lambda: "ready." in worker_log.read_text(errors="replace"), 60, 0.3, "the worker to be ready"
         )

@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any, ClassVar, cast
 
 import httpx
-import psycopg
 import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.service.conftest import ADMIN_URL, MIN_IMAGES
+from tests.service.conftest import MIN_IMAGES
 from tests.service.helpers import (
     LONG_HP,
     REPO,
@@ -37,6 +36,8 @@ from tests.service.helpers import (
     TINY_HP,
     TINY_SPEC,
     free_port,
+    scratch_database,
+    start_api,
     two_class_images,
     upload,
     wait_for,
@@ -174,11 +175,7 @@ class Stack:
         self.redis_proc = None
 
     def start_api(self) -> None:
-        self.api = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port",
-             self.url.rsplit(":", 1)[1]],
-            cwd=REPO, env=self.env, stdout=(self.logs / "api.log").open("ab"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        self.api = start_api(self.env, (self.logs / "api.log").open("ab"), int(self.url.rsplit(":", 1)[1]))
         wait_http(f"{self.url}/healthz", timeout=120, proc=self.api)
 
     def start_worker(self) -> subprocess.Popen[bytes]:
@@ -297,15 +294,13 @@ class Booting:
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with scratch_database("lafter_stack") as db_url:
+        yield from _stack(tmp_path_factory, db_url)
+
+
+def _stack(tmp_path_factory: pytest.TempPathFactory, db_url: str) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     (root / "logs").mkdir()
-    name = f"lafter_stack_{uuid.uuid4().hex[:10]}"
-    try:
-        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-    except psycopg.OperationalError as exc:
-        pytest.fail(f"PostgreSQL is needed at {ADMIN_URL}: {exc}")
-    db_url = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
     redis_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAFTER_")}
     env.update(
@@ -367,8 +362,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             except subprocess.TimeoutExpired:
                 proc.kill()
         engine.dispose()
-        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 import subprocess
 import sys
 import tarfile
 import time
+import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 import numpy as np
+import psycopg
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,14 +122,39 @@ def wait_http(url: str, timeout: float = 60.0, proc: Any = None) -> None:
     wait_for(up, timeout, 0.3, f"{url} to answer")
 
 
+ADMIN_URL = os.environ.get("LAFTER_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
 @contextmanager
-def api_process(env: dict[str, str], log: Path, timeout: float = 60) -> Iterator[str]:
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, empty Postgres database for one fixture (SQLAlchemy URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        pytest.fail(f"PostgreSQL is needed at {ADMIN_URL} (run .ci/run, which starts it): {exc}")
+    base = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    try:
+        yield f"{base}/{name}"
+    finally:
+        with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def start_api(env: dict[str, str], log: IO[bytes], port: int) -> subprocess.Popen[bytes]:
+    """A uvicorn process serving ``app.main:app`` on ``port`` with ``env``: how every test starts one."""
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@contextmanager
+def api_process(env: dict[str, str], log: Path, timeout: float = 90) -> Iterator[str]:
     """One more uvicorn API process (its own settings, e.g. another database URL or queue), over
     HTTP like the main one. Yields its base URL; stops it afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as out:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = start_api(env, out, port)
         try:
             wait_http(f"http://127.0.0.1:{port}/healthz", timeout=timeout, proc=proc)
             yield f"http://127.0.0.1:{port}"

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app.datasets.ingest import Candidate, Limits, Rejection, decode_for_prediction, decode_image
+from app.datasets.images import Candidate, Limits, Rejection, decode_for_prediction, decode_image
 from app.models.batching import Batcher
 from lafter.artifact import PROMPTS, AdaptedModel
 from lafter.backbone import load_backbone

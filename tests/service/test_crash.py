@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.db import make_engine, utcnow
-from app.core.reaper import reap
+from app.jobs.reaper import reap
 from app.jobs.tables import Job, JobEvent
 from tests.service.helpers import TINY_HP, png, wait_for
 

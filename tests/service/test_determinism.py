@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from lafter.artifact import AdaptedModel
+from lafter.pipeline import tensors_sha256
 from tests.service.conftest import Service
 from tests.service.helpers import TINY_SPEC, png, poll_job, two_class_images, upload
-from worker.pipeline import tensors_sha256
 
 # Varies between runs of one request, by nature: wall-clock times and what the caches held.
 UNSTABLE_METRICS = ("base_model_load_s", "cache", "seconds")

@@ -96,7 +96,7 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
             pytest.fail("python -m app did not stop on SIGTERM")
 
 
-# --- issue 8, item 14: SIGTERM and SIGINT stop the worker too, promptly, with a checkpoint ------
+# --- SIGTERM and SIGINT stop the worker too, promptly, with a checkpoint ------------------------
 
 
 def _embedded_env(data: Path) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Issue 8, item 12: a job's ETA comes from the measured rate of its current stage and the steps
+"""A job's ETA comes from the measured rate of its current stage and the steps
 left, and does not grow while the job runs at a steady rate. No database: the reporter writes into
 a stand-in session, on a stand-in clock."""
 
@@ -82,7 +82,7 @@ def test_eta_shrinks_at_a_steady_rate_and_matches_the_remainder(monkeypatch: pyt
     monkeypatch.setattr(reporter_module, "time", SimpleNamespace(monotonic=clock))
     total, rate = 1000, 0.3
     etas = run_job(clock, total, rate)
-    # The issue's case: step 85 said 29 s, step 207 said 63 s, with ~6 min left.
+    # The case once reported: step 85 said 29 s, step 207 said 63 s, with ~6 min left.
     by_step = dict(etas)
     for step in (85, 207, 500, 900):
         eta = by_step[step]

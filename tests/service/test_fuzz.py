@@ -208,10 +208,10 @@ REGRESSIONS: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("event-cursor-beyond-bigint", "GET", {"url": "/v1/jobs/JOB/events", "params": {"after": str(2**64)}}, 422, "cursor_invalid"),
     # The file system refuses to look at an over-long path (ENAMETOOLONG).
     ("over-long-checkpoint-path", "POST", {"url": "/v1/jobs", "json": {"dataset_id": "REAL", "class_names": ["a", "b"], "base_model": "ViT-B-32::MODELS/" + "a" * 900}}, 422, "base_model_invalid"),
-    # Outside the local model folders nothing is looked at (issue 8).
+    # Outside the local model folders nothing is looked at.
     ("over-long-path-outside-the-model-folders", "POST", {"url": "/v1/jobs", "json": {"dataset_id": "REAL", "class_names": ["a", "b"], "base_model": "ViT-B-32::/tmp/" + "a" * 900}}, 422, "base_model_not_allowed"),
     # Longer than its column.
-    # Webhooks are not delivered yet, so any webhook_url is refused (issue 8).
+    # Webhooks are not delivered yet, so any webhook_url is refused.
     ("webhook-url-longer-than-its-column", "POST", {"url": "/v1/jobs", "json": {"dataset_id": "REAL", "class_names": ["a", "b"], "base_model": "SPEC", "webhook_url": "http://example.com/" + "a" * 2000}}, 422, "unsupported_field"),
 ]  # fmt: skip
 

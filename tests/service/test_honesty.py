@@ -1,5 +1,5 @@
-"""Issue 8, second round, items 9, 10 and 13: what the service tells one owner about others, what
-its metrics say, and what a job says about a deleted model.
+"""What the service tells one owner about others, what its metrics say, and what a job says about a
+deleted model.
 
 - a job's event ids are its own sequence (1, 2, 3...): no gap counts another owner's events, and
   ``?after=`` is still the cursor;

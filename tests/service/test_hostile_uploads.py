@@ -30,8 +30,9 @@ import httpx
 import pytest
 from PIL import Image, ImageFile
 
-from app.datasets.ingest import Candidate, Limits, Rejection, iter_archive
-from tests.service.helpers import REPO, free_port, png, wait_http
+from app.datasets.archives import iter_archive
+from app.datasets.images import Candidate, Limits, Rejection
+from tests.service.helpers import REPO, free_port, png, start_api, wait_http
 
 MiB = 1024 * 1024
 MAX_FILE_BYTES = 4 * MiB
@@ -108,10 +109,7 @@ def api(
         "TMPDIR": str(spool),  # where the multipart parser spools uploads
     }
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = start_api(env, log.open("wb"), port)
     url = f"http://127.0.0.1:{port}"
     try:
         # The session's service makes the schema (alembic) while this process starts up.

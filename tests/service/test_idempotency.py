@@ -18,19 +18,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 import redis
 import sqlalchemy as sa
 
 from app.core.migrate import upgrade_head
-from tests.service.conftest import ADMIN_URL, MIN_IMAGES, REDIS_URL, Service
+from tests.service.conftest import MIN_IMAGES, REDIS_URL, Service
 from tests.service.helpers import (
     TINY_HP,
     TINY_SPEC,
     api_process,
     bearer,
     create_key,
+    scratch_database,
     two_class_images,
     upload,
 )
@@ -68,10 +68,11 @@ class Api:
 
 @pytest.fixture(scope="module")
 def api(service: Service) -> Iterator[Api]:
-    name = f"lafter_idem_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    database_url = service.env["LAFTER_DATABASE_URL"].rsplit("/", 1)[0] + f"/{name}"
+    with scratch_database("lafter_idem") as database_url:
+        yield from _idempotency_api(service, database_url)
+
+
+def _idempotency_api(service: Service, database_url: str) -> Iterator[Api]:
     upgrade_head(database_url)
     queue = f"idem-{uuid.uuid4().hex[:8]}"
     env = {
@@ -96,8 +97,6 @@ def api(service: Service) -> Iterator[Api]:
         yield Api(url, queue, client, engine, owners)
     engine.dispose()
     client.delete(queue)
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def _jobs_with_key(api: Api, owner: str, key: str) -> list[str]:

@@ -7,15 +7,8 @@ import tarfile
 
 from PIL import Image
 
-from app.datasets.ingest import (
-    Candidate,
-    DecodedImage,
-    Limits,
-    Rejection,
-    decode_image,
-    iter_archive,
-    looks_like_archive,
-)
+from app.datasets.archives import iter_archive, looks_like_archive
+from app.datasets.images import Candidate, DecodedImage, Limits, Rejection, decode_image
 from tests.service.helpers import png, tar_of, zip_of
 
 LIMITS = Limits(

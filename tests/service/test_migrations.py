@@ -3,26 +3,19 @@
 from __future__ import annotations
 
 import json
-import uuid
 from collections.abc import Iterator
 
-import psycopg
 import pytest
 from alembic import command
 
 from app.core.migrate import alembic_config
-from tests.service.conftest import ADMIN_URL
+from tests.service.helpers import scratch_database
 
 
 @pytest.fixture
 def empty_postgres() -> Iterator[str]:
-    name = f"lafter_migr_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    yield f"{base}/{name}"
-    with psycopg.connect(ADMIN_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with scratch_database("lafter_migr") as url:
+        yield url
 
 
 @pytest.mark.parametrize("backend", ["postgres", "sqlite"])

@@ -7,6 +7,9 @@ from __future__ import annotations
 from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
+import sqlalchemy as sa
+
+from app.core.db import make_engine
 from tests.service.helpers import wait_for
 
 if TYPE_CHECKING:
@@ -22,8 +25,9 @@ def test_jobs_beyond_the_cap_wait_in_order_and_all_succeed(stack: Stack) -> None
     jobs = [tenant.submit(seed=i) for i in range(4)]
     assert [j["status"] for j in jobs] == ["queued"] * 4
     assert [j["queue_position"] for j in jobs] == [None, 1, 2, 3]
-    # Only the job holding the slot was handed to the broker.
+    # Only the job holding the slot was handed to the broker, and only it says it was sent.
     assert [stack.in_broker(j["id"]) for j in jobs] == [True, False, False, False]
+    assert [_sent(stack, j["id"]) for j in jobs] == [True, False, False, False]
 
     # Cancelling a waiting job moves the ones behind it up.
     r = tenant.client.post(f"/v1/jobs/{jobs[2]['id']}/cancel")
@@ -65,3 +69,16 @@ def test_jobs_beyond_the_cap_wait_in_order_and_all_succeed(stack: Stack) -> None
     neighbour_done = other.wait_final(neighbour["id"])
     assert neighbour_done["status"] == "succeeded"
     assert neighbour_done["started_at"] < done[3]["started_at"]  # did not queue behind "capped"
+
+
+def _sent(stack: Stack, job_id: str) -> bool:
+    """Whether the job's row records a message sent (``enqueued_at``)."""
+    engine = make_engine(stack.db_url)
+    try:
+        with engine.connect() as conn:
+            stamp = conn.execute(
+                sa.text("SELECT enqueued_at FROM jobs WHERE id = :id"), {"id": job_id}
+            ).scalar()
+    finally:
+        engine.dispose()
+    return stamp is not None

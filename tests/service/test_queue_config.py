@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from app.core.queue import RUN_JOB_TASK, make_celery
+from app.core.broker import RUN_JOB_TASK, make_celery
 from app.core.settings import Settings
 
 

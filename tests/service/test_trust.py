@@ -1,4 +1,4 @@
-"""Issue 8, second round of the security review: what a hostile user found, each now a 4xx.
+"""What a hostile user found in a security review, each now a 4xx.
 
 - ``base_model`` names only open_clip's pretrained tags, files inside the configured local model
   folders, and ``ARCH::random`` where allowed; the refusal is the same whether a path exists or not;
@@ -373,13 +373,13 @@ def test_internal_error_shows_an_error_id_not_sql_or_paths(
 
     secret = (
         "(psycopg.errors.NumericValueOutOfRange) integer out of range\n[SQL: UPDATE jobs SET step=%(step)s "
-        'WHERE jobs.id = %(id)s]\n  File "/srv/lafter/worker/pipeline.py", line 3, in _execute'
+        'WHERE jobs.id = %(id)s]\n  File "/srv/lafter/worker/pipeline.py", line 3, in execute'
     )
 
     def boom(*_args: Any, **_kwargs: Any) -> Any:
         raise sa.exc.DataError(secret, {"step": 3_000_000_000}, Exception("/var/lib/lafter/blobs/x"))
 
-    monkeypatch.setattr(pipeline, "_execute", boom)
+    monkeypatch.setattr(pipeline, "execute", boom)
     with caplog.at_level(logging.ERROR, logger="worker.pipeline"):
         assert pipeline.run_job("job_internal", settings, sessions, make_storage(settings)) == "failed"
     with sessions() as session:

@@ -1,15 +1,14 @@
-"""The broker side of jobs. The job row is the truth; the broker only carries job ids, and anything
-it holds can be lost (a Redis restarted without persistence) and is then re-sent from the rows.
+"""The broker: the Celery app, message markers, sending a job id, cancel signals. It knows nothing
+of jobs beyond their ids (which job to send, and when, is ``app.jobs.dispatch``). The job row is the
+truth; the broker only carries job ids, and anything it holds can be lost (a Redis restarted without
+persistence) and is then re-sent from the rows.
 
 - ``send_job`` leaves a *marker* in the broker ("a message for this job is waiting") and sends one
   message; the task removes the marker when it takes the message (``message_taken``). A
   job that should have a message but has no marker lost it with the broker, and the reaper sends
-  it again (``app.core.reaper``). Markers live where the messages live, so they are lost together.
-- ``enqueue_job``: what the router calls after committing a new job; it is sent when its owner has
-  a free slot, and otherwise waits queued until one frees.
+  it again (``app.jobs.reaper``). Markers live where the messages live, so they are lost together.
 - Cancel signals: published on Redis, so a running job stops before its next step; workers also
   read the status from the database, the only way on the filesystem broker.
-- ``after_commit``: how a service asks for broker work without committing or enqueueing itself.
 """
 
 from __future__ import annotations
@@ -18,14 +17,12 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
 from celery import Celery
-from sqlalchemy import event
-from sqlalchemy.orm import Session
 
 from app.core.settings import Settings, get_settings
 
@@ -213,16 +210,6 @@ def message_taken(job_id: str) -> None:
         log.warning("could not clear the message marker of job %s", job_id, exc_info=True)
 
 
-def enqueue_job(job_id: str) -> None:
-    """Hand a newly committed job to the workers if its owner has a free slot
-    (``LAFTER_MAX_ACTIVE_JOBS_PER_OWNER``); otherwise it waits queued, with its ``queue_position``,
-    and is sent when a slot frees. Raises when the broker cannot be reached (the row stays queued
-    and the reaper sends it once the broker is back)."""
-    from app.core.reaper import dispatch_owner_of
-
-    dispatch_owner_of(job_id)
-
-
 def check_broker(timeout: float = 3.0) -> None:
     with get_celery().connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=timeout)
@@ -284,30 +271,3 @@ class CancelSignals:
             with contextlib.suppress(Exception):
                 self._pubsub.close()
             self._pubsub = None
-
-
-# --- work that must wait for the commit -------------------------------------------------------------
-
-_AFTER_COMMIT = "lafter_after_commit"
-
-
-def after_commit(session: Session, action: Callable[[], None]) -> None:
-    """Run ``action`` once the session's transaction commits, and never if it rolls back: so a
-    service can ask for broker work (send a job, signal a cancel) and still leave the commit to its
-    caller. A failing action is logged; the reaper repairs whatever it left undone."""
-    if not event.contains(session, "after_commit", _run_after_commit):
-        event.listen(session, "after_commit", _run_after_commit)
-        event.listen(session, "after_rollback", _drop_after_commit)
-    session.info.setdefault(_AFTER_COMMIT, []).append(action)
-
-
-def _run_after_commit(session: Session) -> None:
-    for action in session.info.pop(_AFTER_COMMIT, []):
-        try:
-            action()
-        except Exception:
-            log.warning("post-commit action %r failed", action, exc_info=True)
-
-
-def _drop_after_commit(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT, None)
