@@ -100,6 +100,10 @@ class Settings(BaseSettings):
     # requests that arrive while a forward runs still share the next one)
     classify_batch_window_ms: float = Field(default=0.0, ge=0, le=1000)
     classify_max_images: int = Field(default=256, ge=1)
+    # how long a classify may reuse a model's row (owner, checksum, class names) without reading the
+    # database: rows never change, but a model deleted through another API process can still answer
+    # for this long (this process forgets it at once). 0: read the row on every request.
+    classify_model_row_ttl_s: float = Field(default=5.0, ge=0, le=3600)
     # a base model that failed to load in the API is not tried again for this long (s)
     base_model_retry_after_s: float = Field(default=300.0, ge=0)
 

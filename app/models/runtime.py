@@ -28,6 +28,18 @@ _MAX_FAILURES = 256
 
 
 @dataclass(frozen=True)
+class ModelRow:
+    """What a classify needs from a model's database row; rows never change once written."""
+
+    id: str
+    owner_id: str
+    checksum: str
+    kind: str
+    base_model: str
+    class_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class _Failure:
     at: float  # time.monotonic() of the failed load
     error: LafterError
@@ -41,6 +53,10 @@ class ModelRuntime:
         self.zero_shot: LRU[tuple[str, tuple[str, ...]], ZeroShotClassifier] = LRU(
             settings.adapted_cache_size
         )
+        # (owner id, model id) -> (time.monotonic() it was read, row): keyed by the owner too, so a
+        # row cached for one owner never answers another's request.
+        self._rows: OrderedDict[tuple[str, str], tuple[float, ModelRow]] = OrderedDict()
+        self._rows_lock = threading.Lock()
         self.batcher = Batcher(settings.classify_batch_size, settings.classify_batch_window_ms / 1000)
         # Specs whose load failed, not tried again for LAFTER_BASE_MODEL_RETRY_AFTER_S: a spec that
         # cannot load costs one load per period, however many requests name it. Bounded.
@@ -107,8 +123,31 @@ class ModelRuntime:
         key = (spec, tuple(class_names))
         return self.zero_shot.get_or_load(key, lambda: ZeroShotClassifier(self.backbone(spec), class_names))
 
+    def model_row(self, owner_id: str, model_id: str, read: Callable[[], ModelRow]) -> ModelRow:
+        """The model's row, read through ``read`` at most once per LAFTER_CLASSIFY_MODEL_ROW_TTL_S
+        (the hot path's only database query otherwise); ``read`` raises for an unknown model, and
+        nothing is cached then."""
+        ttl = self.settings.classify_model_row_ttl_s
+        key = (owner_id, model_id)
+        now = time.monotonic()
+        with self._rows_lock:
+            hit = self._rows.get(key)
+            if hit is not None and now - hit[0] < ttl:
+                return hit[1]
+        row = read()
+        if ttl > 0:
+            with self._rows_lock:
+                self._rows[key] = (now, row)
+                self._rows.move_to_end(key)
+                while len(self._rows) > 4 * self.settings.adapted_cache_size:
+                    self._rows.popitem(last=False)
+        return row
+
     def forget(self, model_id: str) -> None:
         self.adapted.discard(lambda key: key[0] == model_id)
+        with self._rows_lock:
+            for key in [k for k in self._rows if k[1] == model_id]:
+                del self._rows[key]
 
 
 @lru_cache(maxsize=1)

@@ -19,7 +19,7 @@ from app.datasets.service import limits_from
 from app.jobs import repository as jobs
 from app.jobs import transitions
 from app.models import repository
-from app.models.runtime import ModelRuntime
+from app.models.runtime import ModelRow, ModelRuntime
 from app.models.schemas import ClassifyResponse, ImagePredictions, ModelOut, Prediction
 from app.models.tables import Model
 from lafter.descriptions import validate_class_names
@@ -121,7 +121,11 @@ def classify_with_model(
     runtime: ModelRuntime,
     settings: Settings,
 ) -> ClassifyResponse:
-    model = get(session, owner, model_id)
+    def row() -> ModelRow:
+        m = get(session, owner, model_id)
+        return ModelRow(m.id, m.owner_id, m.checksum, m.kind, m.base_model, tuple(m.class_names))
+
+    model = runtime.model_row(owner.id, model_id, row)
 
     def read() -> bytes:
         data = repository.artifact_bytes(session, model.id)

@@ -122,3 +122,39 @@ def test_prediction_decode_keeps_the_upload_rules_in_one_pass() -> None:
     # A large JPEG is decoded at reduced scale (draft) and still becomes the model's square.
     big = decode_for_prediction(Candidate("big.jpg", _jpeg((480, 400)), None), limits, 32)
     assert isinstance(big, np.ndarray) and big.shape == (32, 32, 3)
+
+
+def test_model_rows_are_cached_per_owner_for_the_ttl_and_forgotten_on_delete() -> None:
+    from app.core.settings import Settings
+    from app.models.runtime import ModelRow, ModelRuntime
+
+    runtime = ModelRuntime(Settings(classify_model_row_ttl_s=60))
+    reads: list[str] = []
+
+    def read_for(owner: str) -> ModelRow:
+        reads.append(owner)
+        return ModelRow("m1", owner, "c", "lafter", "base", ("a", "b"))
+
+    assert runtime.model_row("alice", "m1", lambda: read_for("alice")).owner_id == "alice"
+    assert runtime.model_row("alice", "m1", lambda: read_for("alice")).owner_id == "alice"
+    assert reads == ["alice"]  # the second request read no row
+    # another owner's request never sees alice's cached row: its own read decides (404 or its row)
+    assert runtime.model_row("bob", "m1", lambda: read_for("bob")).owner_id == "bob"
+    assert reads == ["alice", "bob"]
+    runtime.forget("m1")  # a delete through this process
+    runtime.model_row("alice", "m1", lambda: read_for("alice"))
+    assert reads == ["alice", "bob", "alice"]
+
+    def missing() -> ModelRow:
+        raise LookupError("no such model")
+
+    with pytest.raises(LookupError):
+        runtime.model_row("alice", "m2", missing)
+    with pytest.raises(LookupError):  # a failed read caches nothing
+        runtime.model_row("alice", "m2", missing)
+
+    uncached = ModelRuntime(Settings(classify_model_row_ttl_s=0))
+    reads.clear()
+    for _ in range(3):
+        uncached.model_row("alice", "m1", lambda: read_for("alice"))
+    assert reads == ["alice"] * 3

@@ -143,6 +143,9 @@ def test_delete_model_and_dataset(service: Service) -> None:
     job = poll_job(service.client, submit(service, ds["id"])["id"], FINAL)
     assert job["status"] == "succeeded", job
     model_id = job["model_id"]
+    image = two_class_images(1, offset=8100)[0]
+    # classified once, so this process holds the model's row and delta when it is deleted
+    assert service.client.post(f"/v1/models/{model_id}/classify", files=[("files", image)]).status_code == 200
     assert service.client.delete(f"/v1/models/{model_id}").status_code == 204
     assert service.client.get(f"/v1/models/{model_id}").status_code == 404
     r = service.client.post(f"/v1/models/{model_id}/classify", files=[("files", ("a.png", b"x"))])
