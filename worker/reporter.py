@@ -169,7 +169,12 @@ class JobReporter:
         last = event.total > 0 and event.step >= event.total
         self._write_progress(stage, event.step, event.total, force=last)
         if event.metrics:
-            self.metric(event.step, {k: v for k, v in event.metrics.items() if _jsonable(v)})
+            point = {k: v for k, v in event.metrics.items() if _jsonable(v)}
+            if event.total:
+                # A metric point says where the job is, so an event stream alone can draw progress.
+                point.setdefault("total_steps", event.total)
+                point.setdefault("percent", round(overall_percent(stage, event.step / event.total), 2))
+            self.metric(event.step, point)
         if event.message:
             self.log(event.message, level=event.level)
 

@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     progress_write_interval_s: float = Field(default=0.5, ge=0)
     heartbeat_interval_s: float = Field(default=10.0, gt=0)
     idempotency_ttl_s: int = Field(default=24 * 3600, ge=1)  # an Idempotency-Key names one job this long
+    # GET /v1/jobs/{id}/events as Server-Sent Events: how often the stream reads the database for new
+    # events, and how often it sends a comment line so proxies keep an idle stream open
+    events_poll_interval_s: float = Field(default=0.5, gt=0, le=60)
+    events_heartbeat_s: float = Field(default=15.0, gt=0, le=3600)
 
     # --- crash-safe jobs, per-owner caps (worker/, app/jobs/reaper.py) --------------------------
     heartbeat_timeout_s: float = Field(default=120.0, gt=0)  # no heartbeat this long: its worker is lost

@@ -2,17 +2,17 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Depends, Header, Query, Response, status
+from fastapi import APIRouter, Depends, Header, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app.core.auth import Owner, current_owner
-from app.core.db import get_session
-from app.core.errors import Invalid
+from app.core.db import get_session, get_sessionmaker
 from app.core.metrics import JOBS_CREATED
 from app.core.pagination import Page, PageParams, page_params, paginate
 from app.core.settings import Settings, get_settings
-from app.jobs import repository, service
+from app.jobs import repository, service, stream
 from app.jobs.schemas import JobCreate, JobEventOut, JobOut, JobStatus
 from app.jobs.tables import Job
 
@@ -72,9 +72,22 @@ def cancel_job(
     return service.to_out(job)
 
 
-@router.get("/{job_id}/events", response_model=Page[JobEventOut])
+@router.get(
+    "/{job_id}/events",
+    response_model=Page[JobEventOut],
+    responses={
+        200: {
+            "content": {stream.MEDIA_TYPE: {"schema": {"type": "string"}}},
+            "description": "JSON pages; with `Accept: text/event-stream`, the same events as "
+            "Server-Sent Events (`id:` the event's number, `event:` its kind, `data:` the event), a "
+            "comment line as heartbeat, and `event: done` with the job object once it is final, "
+            "after which the stream ends. `Last-Event-ID` resumes after that event, like `?after=`.",
+        }
+    },
+)
 def job_events(
     job_id: str,
+    request: Request,
     after: str | None = Query(
         None,
         description="cursor: the next_cursor of the previous page, or the id of the last event seen "
@@ -83,19 +96,28 @@ def job_events(
     limit: int = Query(100, ge=1, le=1000),
     owner: Owner = Depends(current_owner),
     session: Session = Depends(get_session),
-) -> Page[JobEventOut]:
+    settings: Settings = Depends(get_settings),
+) -> Page[JobEventOut] | StreamingResponse:
     job = service.get(session, owner, job_id)
-    try:
-        after_id = int(after) if after else None
-    except ValueError:
-        after_id = -1
-    if after_id is not None and not 0 <= after_id < 2**31:  # a job's event numbers are INTEGERs
-        raise Invalid("after must be an event cursor", code="cursor_invalid", field="after")
+    after_id = stream.parse_cursor(after, "after")
+    # An EventSource reconnecting sends the last id it got, on the URL it first opened: that id wins.
+    resume = stream.parse_cursor(request.headers.get("last-event-id"), "Last-Event-ID")
+    if resume is not None:
+        after_id = resume
+    if stream.wants_stream(request.headers.get("accept")):
+        # The stream reads in sessions of its own: this one gives its connection back now, not
+        # when the stream ends.
+        session.close()
+        return StreamingResponse(
+            stream.event_stream(job.id, after_id, settings, get_sessionmaker()),
+            media_type=stream.MEDIA_TYPE,
+            headers=stream.HEADERS,
+        )
     rows = list(repository.events(session, job.id, after_id, limit + 1))
     has_more = len(rows) > limit
     rows = rows[:limit]
     # Always hand back a cursor, so a poller can continue from the last event it saw.
-    cursor = str(rows[-1].seq) if rows else after
+    cursor = str(rows[-1].seq) if rows else (str(after_id) if after_id is not None else None)
     return Page[JobEventOut](
         data=[service.event_out(r) for r in rows],
         has_more=has_more,

@@ -137,6 +137,8 @@ def service(
         "LAFTER_TORCH_THREADS": "1",
         "LAFTER_CANCEL_POLL_INTERVAL_S": "0.1",
         "LAFTER_PROGRESS_WRITE_INTERVAL_S": "0.1",
+        "LAFTER_EVENTS_HEARTBEAT_S": "0.5",  # event streams: heartbeats a test can wait for
+        "LAFTER_EVENTS_POLL_INTERVAL_S": "0.1",
         "LAFTER_LLM_BASE_URL": fake_llm.base_url,
         "LAFTER_LLM_MODEL": "fake-model",
         # The allow-list of base models: the deployment's folder, and the tests' tiny architecture

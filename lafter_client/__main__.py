@@ -1,0 +1,3 @@
+from lafter_client.cli import main
+
+raise SystemExit(main())
