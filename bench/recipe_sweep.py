@@ -40,6 +40,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "paper_align": {"recipe": "paper", "pseudo_label_balance": "align"},
     "default_ref_views": {"strong_crop_scale": (0.2, 1.0), "strong_blur_sigma": (0.1, 2.0)},
     "default_50_prompts": {"prompt_tokens": 50},
+    "default_16_prompts": {"prompt_tokens": 16},
+    "default_8_prompts": {"prompt_tokens": 8},
 }
 
 
