@@ -25,6 +25,11 @@ def parse(url: str) -> SplitResult:
     """The URL's parts, if it is one the service may send to at all (before any name lookup)."""
     if len(url) > MAX_URL_LENGTH:
         raise WebhookUrlError(f"webhook_url is longer than {MAX_URL_LENGTH} characters")
+    if not url.isascii():
+        raise WebhookUrlError(
+            "webhook_url must be ASCII: write an international host name in punycode (xn--...) and "
+            "percent-encode the path"
+        )
     if any(ch.isspace() or ord(ch) < 0x20 or ord(ch) == 0x7F for ch in url):
         raise WebhookUrlError("webhook_url must not contain spaces or control characters")
     try:

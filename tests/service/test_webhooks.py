@@ -162,6 +162,7 @@ def test_webhook_url_rules_at_submit(service: Service, new_owner: Owners) -> Non
         "http://example.com:99999/",
         "http://example.com/" + "a" * 2000,
         "javascript:alert(1)",
+        "https://bücher.example/hook",
     ):
         answer = problem(
             client.post("/v1/jobs", json=job_body(dataset_id, webhook_url=url)),
