@@ -371,3 +371,36 @@ def test_the_sender_follows_no_redirect_and_gives_up_on_a_silent_receiver(sender
         attempt = send(_message(receiver.url), SECRET, settings)
         assert attempt["status_code"] is None and attempt["error"].startswith("timeout"), attempt
         assert time.monotonic() - start < 5  # the 1 s timeout, not the receiver's 30 s
+
+
+def test_a_job_the_reaper_fails_delivers_job_failed(service: Service, new_owner: Owners) -> None:
+    """The reaper's verdict is a final status too: a job whose worker died on its last attempt fails
+    with worker_lost in the API process, and the worker's sender announces it."""
+    from app.core.db import utcnow
+    from app.jobs.tables import JobStatus
+    from app.tables import Job  # every table, so the foreign keys resolve
+
+    client, dataset_id = new_owner("wh-reaped")
+    with Receiver() as receiver:
+        secret = make_secret(client)
+        job_id = f"job_reaped{uuid.uuid4().hex[:12]}"
+        long_ago = utcnow().replace(year=2020)
+        with Session(service.engine) as session:
+            # What a worker that died on the job's last attempt leaves behind: running, silent.
+            owner_id = session.execute(
+                sa.text("SELECT owner_id FROM datasets WHERE id = :d"), {"d": dataset_id}
+            ).scalar_one()
+            session.add(
+                Job(id=job_id, owner_id=owner_id, dataset_id=dataset_id, status=JobStatus.RUNNING,
+                    base_model=TINY_SPEC, class_names=["cat", "dog"], descriptions={}, hyperparameters={},
+                    seed=1, metadata_={}, webhook_url=receiver.url, warnings=[], metrics={},
+                    attempts=3, worker_id="gone:1", heartbeat_at=long_ago, created_at=long_ago,
+                    queued_at=long_ago, started_at=long_ago)
+            )  # fmt: skip
+            session.commit()
+        job = wait_delivery(client, job_id, "delivered", timeout=60)
+    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+    [call] = receiver.calls
+    assert signature_valid(secret, call.headers, call.body)
+    sent = json.loads(call.body)
+    assert sent["type"] == "job.failed" and sent["data"]["error"]["code"] == "worker_lost"
