@@ -21,6 +21,7 @@ from app.datasets.router import router as datasets_router
 from app.health.router import router as health_router
 from app.jobs.router import router as jobs_router
 from app.models.router import router as models_router
+from app.webhooks.router import router as webhooks_router
 
 log = logging.getLogger("app")
 
@@ -157,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every /v1 request is authenticated by ``KeyFirst`` before its body is read; the dependency
     # hands its owner to the routes (and checks the key itself where the middleware is absent), even
     # to one that forgets to ask for the owner itself.
-    for router in (datasets_router, jobs_router, models_router, base_models_router):
+    for router in (datasets_router, jobs_router, models_router, base_models_router, webhooks_router):
         app.include_router(router, dependencies=[Depends(current_owner)])
     return app
 

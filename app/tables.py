@@ -6,6 +6,7 @@ from app.datasets.tables import Dataset, DatasetImage
 from app.jobs.tables import Job, JobEvent
 from app.keys.tables import ApiKey
 from app.models.tables import Model, ModelArtifact
+from app.webhooks.tables import WebhookMessage, WebhookSecret
 
 __all__ = [
     "ApiKey",
@@ -18,4 +19,6 @@ __all__ = [
     "Model",
     "ModelArtifact",
     "TextEmbeddingCacheEntry",
+    "WebhookMessage",
+    "WebhookSecret",
 ]

@@ -90,6 +90,19 @@ class Settings(BaseSettings):
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0: by time only
     max_active_jobs_per_owner: int = Field(default=2, ge=0)  # running + sent to workers; 0: no cap
 
+    # --- webhooks (app/webhooks, delivered by worker/webhooks.py) -------------------------------
+    # Let webhook URLs reach loopback, private, link-local and other non-public addresses (an
+    # operator's own network, tests); off, such URLs are refused at submit and again at delivery.
+    webhook_allow_private: bool = False
+    webhook_timeout_s: float = Field(default=10.0, gt=0)  # connect, send and read, per attempt
+    # Waits between attempts (seconds, comma-separated): attempts = len + 1. The default grows x3,
+    # from 10 s to about 2 h (about 3 h from the first attempt to the last).
+    webhook_retry_delays_s: Annotated[list[float], NoDecode] = Field(
+        default_factory=lambda: [10.0, 30.0, 90.0, 270.0, 810.0, 2430.0, 7290.0]
+    )
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)  # the worker's look at the outbox
+    webhook_concurrency: int = Field(default=4, ge=1)  # messages sent at once by one worker
+
     # --- models and compute -------------------------------------------------------------------
     local_model_dirs: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     model_cache_dir: Path | None = None
@@ -133,6 +146,21 @@ class Settings(BaseSettings):
 
                 return json.loads(text)
             return [part for part in text.replace(";", ",").split(",") if part.strip()] if text else []
+        return value
+
+    @field_validator("webhook_retry_delays_s", mode="before")
+    @classmethod
+    def _split_delays(cls, value: object) -> object:
+        if isinstance(value, str):
+            text = value.strip().strip("[]")
+            return [float(part) for part in text.split(",") if part.strip()]
+        return value
+
+    @field_validator("webhook_retry_delays_s")
+    @classmethod
+    def _delays_non_negative(cls, value: list[float]) -> list[float]:
+        if any(d < 0 for d in value):
+            raise ValueError("LAFTER_WEBHOOK_RETRY_DELAYS_S must be non-negative seconds")
         return value
 
     @field_validator("auth", mode="before")

@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from app.core.fields import JsonObject, Text
+from app.webhooks.schemas import WebhookDelivery
 from lafter.finetune import AdaptConfig, Recipe
 from lafter.text_classifier import TextClassifierConfig
 
@@ -164,10 +165,13 @@ class JobCreate(BaseModel):
     hyperparameters: HyperparametersIn = Field(default_factory=HyperparametersIn)
     seed: int | None = Field(default=None, ge=0, lt=2**31)
     metadata: JsonObject = Field(default_factory=dict)
-    webhook_url: Any = Field(
+    webhook_url: Text | None = Field(
         default=None,
-        description="not supported yet: a job with a webhook_url is refused (422 unsupported_field) "
-        "until webhooks are delivered",
+        description="http(s) URL that receives job.succeeded, job.failed or job.cancelled when the job "
+        "ends, signed per Standard Webhooks (webhook-id, webhook-timestamp, webhook-signature) with "
+        "your secret (POST /v1/webhook-secret first: 422 webhook_secret_missing otherwise). At most "
+        "2000 characters, no credentials, and a host with public addresses only (422 "
+        "webhook_url_invalid / webhook_url_forbidden); retried with backoff, redirects not followed",
     )
 
 
@@ -202,7 +206,12 @@ class JobOut(BaseModel):
     metrics: dict[str, Any]
     warnings: list[dict[str, Any]]
     metadata: dict[str, Any]
-    webhook_url: str | None = Field(description="always null: webhooks are not delivered yet")
+    webhook_url: str | None = Field(description="where this job's final status is sent, if anywhere")
+    webhook_deliveries: list[WebhookDelivery] = Field(
+        default_factory=list,
+        description="the webhook messages of this job (one once it has ended, if it has a webhook_url), "
+        "each with its state and every attempt",
+    )
     created_at: datetime
     queued_at: datetime | None
     started_at: datetime | None

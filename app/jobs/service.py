@@ -25,6 +25,11 @@ from app.jobs import repository, transitions
 from app.jobs.dispatch import dispatch_later
 from app.jobs.schemas import JobCreate, JobError, JobEventOut, JobOut, Progress, to_configs
 from app.jobs.tables import TERMINAL, Job, JobEvent, JobStatus
+from app.webhooks import outbox
+from app.webhooks import service as webhook_secrets
+from app.webhooks import urls as webhook_urls
+from app.webhooks.schemas import DeliveryAttempt, WebhookDelivery
+from app.webhooks.tables import WebhookMessage
 from lafter.descriptions import class_key, validate_class_names
 from lafter.errors import LafterError
 
@@ -86,6 +91,32 @@ def _validate_descriptions(body: JobCreate, names: list[str], settings: Settings
     return desc.model_dump(exclude_none=True)
 
 
+def _validate_webhook(session: Session, owner: Owner, url: str, settings: Settings) -> None:
+    """A webhook the service can send and sign, to an address it may reach (checked again at each
+    delivery, on the address connected to)."""
+    try:
+        parts = webhook_urls.parse(url)
+    except webhook_urls.WebhookUrlError as exc:
+        raise Invalid(str(exc), code=exc.code, field="webhook_url") from None
+    if webhook_secrets.get(session, owner.id) is None:
+        # Made explicitly, never implicitly: a secret nobody has seen would sign messages that no
+        # receiver can verify.
+        raise Invalid(
+            "webhook_url needs a webhook secret to sign the messages with, and you have none: "
+            "POST /v1/webhook-secret once (it answers the secret, shown that one time), then submit "
+            "the job again",
+            code="webhook_secret_missing",
+            field="webhook_url",
+        )
+    assert parts.hostname is not None
+    try:
+        webhook_urls.resolve(
+            parts.hostname, webhook_urls.default_port(parts), allow_private=settings.webhook_allow_private
+        )
+    except webhook_urls.WebhookUrlError as exc:
+        raise Invalid(str(exc), code=exc.code, field="webhook_url") from None
+
+
 def request_hash(body: JobCreate) -> str:
     canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -97,14 +128,6 @@ def create(
     """Validate and insert a queued job. Returns (job, created); an Idempotency-Key this owner used
     within ``LAFTER_IDEMPOTENCY_TTL_S`` with the same body returns the first job (created False),
     with another body a 409. An older key is released from its job and names the new one."""
-    if body.webhook_url is not None:
-        # A field the service would ignore is refused: webhooks are not delivered yet.
-        raise Invalid(
-            "webhook_url is not supported yet (webhooks are not delivered); poll GET /v1/jobs/{id} "
-            "or its events instead",
-            code="unsupported_field",
-            field="webhook_url",
-        )
     digest = request_hash(body)
     if idempotency_key is not None:
         prior = repository.by_idempotency_key(session, owner.id, idempotency_key)
@@ -121,6 +144,8 @@ def create(
             prior.idempotency_key = None
             session.flush()
 
+    if body.webhook_url is not None:
+        _validate_webhook(session, owner, body.webhook_url, settings)
     # A ClassNamesError is answered 422 with its code and the field at fault (app.core.errors).
     names = validate_class_names(
         body.class_names, max_length=settings.max_class_name_length, max_classes=settings.max_classes
@@ -157,6 +182,7 @@ def create(
         hyperparameters=body.hyperparameters.model_dump(),
         seed=body.seed if body.seed is not None else secrets.randbelow(2**31),
         metadata_=body.metadata,
+        webhook_url=body.webhook_url,
         idempotency_key=idempotency_key,
         request_hash=digest,
         warnings=[],
@@ -224,6 +250,24 @@ def event_out(event: JobEvent) -> JobEventOut:
     )
 
 
+def delivery_out(message: WebhookMessage) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=message.id,
+        type=message.event_type,  # type: ignore[arg-type]
+        state=message.state,  # type: ignore[arg-type]
+        attempts=[DeliveryAttempt.model_validate(a) for a in message.attempts],
+        next_attempt_at=message.next_attempt_at,
+        created_at=message.created_at,
+    )
+
+
+def webhook_deliveries(job: Job) -> list[WebhookDelivery]:
+    session = object_session(job)
+    if not job.webhook_url or session is None:
+        return []
+    return [delivery_out(m) for m in outbox.of_job(session, job.id)]
+
+
 def to_out(job: Job) -> JobOut:
     return JobOut(
         id=job.id,
@@ -249,6 +293,7 @@ def to_out(job: Job) -> JobOut:
         warnings=list(job.warnings),
         metadata=job.metadata_,
         webhook_url=job.webhook_url,
+        webhook_deliveries=webhook_deliveries(job),
         created_at=job.created_at,
         queued_at=job.queued_at,
         started_at=job.started_at,

@@ -5,7 +5,11 @@ actors (several API processes, a worker that only looked dead) never both win.
 
 A worker's writes are fenced by its attempt number (``attempts`` after its claim): once the reaper
 has given the job to another attempt, the old worker's writes match no row. Functions take the
-caller's session and never commit, except where noted."""
+caller's session and never commit, except where noted.
+
+Every change to a final status also writes the job's webhook message, if it has a ``webhook_url``
+(``app.webhooks.outbox.enqueue``), in the same transaction: a crash can neither lose a delivery nor
+announce a status that was never committed."""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from sqlalchemy.orm import Session
 from app.core.db import utcnow
 from app.jobs import repository
 from app.jobs.tables import ACTIVE, TERMINAL, Job, JobStatus
+from app.webhooks import outbox
 
 
 def claim(session: Session, job_id: str, *, cap: int, worker_id: str) -> Job | None:
@@ -103,6 +108,7 @@ def finish(
     repository.add_event(
         session, job.id, "log", stage=job.stage, level=level, message=message or status, data=data
     )
+    outbox.enqueue(session, job)
 
 
 def finish_attempt(
@@ -163,6 +169,7 @@ def cancel(session: Session, job: Job) -> JobStatus | None:
         job.cancel_requested_at = now
         job.eta_seconds = None
         repository.add_event(session, job.id, "log", message="cancelled before it started")
+        outbox.enqueue(session, job)
         return JobStatus.CANCELLED
     if job.status == JobStatus.RUNNING:
         job.status = JobStatus.CANCELLING
@@ -251,6 +258,9 @@ def requeue_or_fail(
     if done.rowcount != 1:  # type: ignore[attr-defined]
         return None
     repository.add_event(session, job.id, "log", stage=job.stage, level=level, message=message, data=data)
+    if outcome != "requeued":
+        session.refresh(job)  # the UPDATE above bypassed the object: the message reads the row
+        outbox.enqueue(session, job)
     return outcome
 
 

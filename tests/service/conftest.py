@@ -147,6 +147,11 @@ def service(
         "OMP_NUM_THREADS": "1",
         "PYTHONUNBUFFERED": "1",
         "HF_HUB_OFFLINE": "1",  # a fuzzed job naming a pretrained tag must fail at once, not download
+        # Webhooks: the tests' receivers listen on 127.0.0.1, and retries come fast.
+        "LAFTER_WEBHOOK_ALLOW_PRIVATE": "true",
+        "LAFTER_WEBHOOK_RETRY_DELAYS_S": "0.3,0.3,0.3",
+        "LAFTER_WEBHOOK_TIMEOUT_S": "2",
+        "LAFTER_WEBHOOK_POLL_INTERVAL_S": "0.2",
     }
     _local_model(root / "models")
     # The schema is made the production way: the alembic command line.

@@ -4,6 +4,7 @@ The same upload -> job -> poll -> classify, with no Postgres or Redis settings a
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sqlite3
@@ -29,6 +30,7 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
+from tests.service.webhook_receiver import Receiver, signature_valid
 
 
 def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
@@ -42,6 +44,7 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
         LAFTER_MIN_IMAGES_PER_JOB="4",
         LAFTER_TORCH_THREADS="1",
         LAFTER_DEVICE="cpu",
+        LAFTER_WEBHOOK_ALLOW_PRIVATE="true",  # the receiver below listens on 127.0.0.1
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
@@ -57,7 +60,7 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/healthz", timeout=90, proc=proc)
-        with httpx.Client(base_url=url, timeout=60) as client:
+        with httpx.Client(base_url=url, timeout=60) as client, Receiver() as receiver:
             ready = client.get("/readyz")
             assert ready.status_code == 200, ready.text
             ds = client.post("/v1/datasets", json={"name": "embedded"}).json()
@@ -70,11 +73,26 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
                     "class_names": ["red", "blue"],
                     "base_model": TINY_SPEC,
                     "hyperparameters": TINY_HP,
+                    "webhook_url": receiver.url,
                 },
             )
+            problem = r.json()
+            assert r.status_code == 422 and problem["code"] == "webhook_secret_missing", r.text
+            secret = client.post("/v1/webhook-secret").json()["secret"]
+            r = client.post("/v1/jobs", json={**json.loads(r.request.content), "webhook_url": receiver.url})
             assert r.status_code == 202, r.text
             job = poll_job(client, r.json()["id"], {"succeeded", "failed", "cancelled"}, timeout=120)
             assert job["status"] == "succeeded", job
+            # The embedded worker sends the job's webhook, signed.
+            wait_for(lambda: receiver.calls, 30, 0.2, "the webhook")
+            [call] = receiver.calls
+            assert signature_valid(secret, call.headers, call.body)
+            assert json.loads(call.body)["type"] == "job.succeeded"
+            deliveries = wait_for(
+                lambda: [d for d in client.get(f"/v1/jobs/{job['id']}").json()["webhook_deliveries"]
+                         if d["state"] == "delivered"], 30, 0.2, "the delivery to be recorded"
+            )  # fmt: skip
+            assert deliveries[0]["id"] == call.headers["webhook-id"]
             # No language model configured: templates, and the job says so.
             assert job["metrics"]["descriptions"]["source_used"] == "templates"
             assert any(w["code"] == "descriptions" for w in job["warnings"])

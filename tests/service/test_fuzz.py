@@ -211,8 +211,7 @@ REGRESSIONS: list[tuple[str, str, dict[str, Any], int, str]] = [
     # Outside the local model folders nothing is looked at.
     ("over-long-path-outside-the-model-folders", "POST", {"url": "/v1/jobs", "json": {"dataset_id": "REAL", "class_names": ["a", "b"], "base_model": "ViT-B-32::/tmp/" + "a" * 900}}, 422, "base_model_not_allowed"),
     # Longer than its column.
-    # Webhooks are not delivered yet, so any webhook_url is refused.
-    ("webhook-url-longer-than-its-column", "POST", {"url": "/v1/jobs", "json": {"dataset_id": "REAL", "class_names": ["a", "b"], "base_model": "SPEC", "webhook_url": "http://example.com/" + "a" * 2000}}, 422, "unsupported_field"),
+    ("webhook-url-longer-than-its-column", "POST", {"url": "/v1/jobs", "json": {"dataset_id": "REAL", "class_names": ["a", "b"], "base_model": "SPEC", "webhook_url": "http://example.com/" + "a" * 2000}}, 422, "webhook_url_invalid"),
 ]  # fmt: skip
 
 

@@ -6,7 +6,7 @@
 - deeply nested JSON in form fields, uploads and jobs racing a dataset's deletion: 4xx, never 500;
 - a job's unexpected error shows an error id, never SQL, tracebacks or server paths;
 - the API key is checked before a body is read; ``metadata`` is capped; class names are normalised
-  (NFKC, format characters removed) before duplicates are looked for; ``webhook_url`` is refused.
+  (NFKC, format characters removed) before duplicates are looked for.
 """
 
 from __future__ import annotations
@@ -512,17 +512,3 @@ def test_the_class_name_rules_live_in_the_library() -> None:
         validate_class_names(["cat", "c\u200bat"])
     with pytest.raises(InvalidInputError):
         validate_class_names(["cat", "\u200b"])
-
-
-# --- 9. webhook_url is refused until webhooks are delivered --------------------------------------
-
-
-def test_webhook_url_is_refused(service: Service, ready: dict[str, Any]) -> None:
-    before = jobs_count(service)
-    body = job_body(ready["id"], webhook_url="https://example.com/hook")
-    answer = problem(service.client.post("/v1/jobs", json=body), 422, "unsupported_field")
-    assert answer["field"] == "webhook_url"
-    assert jobs_count(service) == before
-    r = service.client.post("/v1/jobs", json=job_body(ready["id"], webhook_url=None))
-    assert r.status_code == 202, r.text
-    stop(service.client, r.json()["id"])
