@@ -29,12 +29,11 @@ import redis
 import sqlalchemy as sa
 
 from tests.service.conftest import MIN_IMAGES
+from tests.service.factories import submit_job
 from tests.service.helpers import (
     LONG_HP,
     REPO,
     TINY_CONFIG,
-    TINY_HP,
-    TINY_SPEC,
     free_port,
     scratch_database,
     start_api,
@@ -65,18 +64,7 @@ class Tenant:
     dataset_id: str
 
     def submit(self, **overrides: Any) -> dict[str, Any]:
-        body = {
-            "dataset_id": self.dataset_id,
-            "class_names": ["apple", "pear"],
-            "base_model": TINY_SPEC,
-            "descriptions": {"source": "templates"},
-            "hyperparameters": TINY_HP,
-            **overrides,
-        }
-        r = self.client.post("/v1/jobs", json=body)
-        assert r.status_code == 202, r.text
-        job: dict[str, Any] = r.json()
-        return job
+        return submit_job(self.client, self.dataset_id, **overrides)
 
     def job(self, job_id: str) -> dict[str, Any]:
         r = self.client.get(f"/v1/jobs/{job_id}")

@@ -15,15 +15,13 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from tests.service.conftest import MIN_IMAGES, Service
+from tests.service.factories import create_dataset, submit_job
 from tests.service.helpers import (
     LONG_HP,
     TINY_HP,
-    TINY_SPEC,
     api_process,
     bearer,
     create_key,
-    two_class_images,
-    upload,
     wait_for,
 )
 from tests.service.test_db_outage import TcpProxy
@@ -73,26 +71,11 @@ def messages(response: httpx.Response) -> Iterator[Message]:
 
 
 def dataset(client: httpx.Client) -> str:
-    ds = client.post("/v1/datasets", json={"name": "stream"})
-    assert ds.status_code == 201, ds.text
-    r = upload(client, ds.json()["id"], two_class_images(MIN_IMAGES, offset=7000))
-    assert r.status_code == 200, r.text
-    return str(ds.json()["id"])
+    return create_dataset(client, "stream", MIN_IMAGES, offset=7000)
 
 
 def submit(client: httpx.Client, dataset_id: str, hp: dict[str, Any]) -> str:
-    r = client.post(
-        "/v1/jobs",
-        json={
-            "dataset_id": dataset_id,
-            "class_names": ["red", "blue"],
-            "base_model": TINY_SPEC,
-            "descriptions": {"source": "templates"},
-            "hyperparameters": hp,
-        },
-    )
-    assert r.status_code == 202, r.text
-    return str(r.json()["id"])
+    return str(submit_job(client, dataset_id, class_names=["red", "blue"], hyperparameters=hp)["id"])
 
 
 def json_events(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:

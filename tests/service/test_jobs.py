@@ -7,32 +7,17 @@ from typing import Any
 import pytest
 
 from tests.service.conftest import MIN_IMAGES, Service
-from tests.service.helpers import LONG_HP, TINY_HP, TINY_SPEC, poll_job, two_class_images, upload, wait_for
-
-FINAL = {"succeeded", "failed", "cancelled"}
+from tests.service.factories import FINAL, create_dataset, run_job, submit_job
+from tests.service.helpers import LONG_HP, TINY_HP, TINY_SPEC, poll_job, two_class_images, wait_for
 
 
 @pytest.fixture(scope="module")
 def dataset(service: Service) -> dict[str, Any]:
-    ds = service.client.post("/v1/datasets", json={"name": "jobs"}).json()
-    r = upload(service.client, ds["id"], two_class_images(MIN_IMAGES, offset=7000))
-    assert r.status_code == 200, r.text
-    return ds
+    return {"id": create_dataset(service.client, "jobs", MIN_IMAGES, offset=7000)}
 
 
 def submit(service: Service, dataset_id: str, **overrides: Any) -> dict[str, Any]:
-    body = {
-        "dataset_id": dataset_id,
-        "class_names": ["apple", "pear"],
-        "base_model": TINY_SPEC,
-        "descriptions": {"source": "templates"},
-        "hyperparameters": TINY_HP,
-        **overrides,
-    }
-    r = service.client.post("/v1/jobs", json=body)
-    assert r.status_code == 202, r.text
-    job: dict[str, Any] = r.json()
-    return job
+    return submit_job(service.client, dataset_id, **overrides)
 
 
 def test_second_job_with_same_classes_hits_both_caches(service: Service, dataset: dict[str, Any]) -> None:
@@ -138,9 +123,8 @@ def test_idempotency_key(service: Service, dataset: dict[str, Any]) -> None:
 
 
 def test_delete_model_and_dataset(service: Service) -> None:
-    ds = service.client.post("/v1/datasets", json={"name": "to-delete"}).json()
-    assert upload(service.client, ds["id"], two_class_images(MIN_IMAGES, offset=8000)).status_code == 200
-    job = poll_job(service.client, submit(service, ds["id"])["id"], FINAL)
+    ds = {"id": create_dataset(service.client, "to-delete", MIN_IMAGES, offset=8000)}
+    job = run_job(service.client, ds["id"])
     assert job["status"] == "succeeded", job
     model_id = job["model_id"]
     image = two_class_images(1, offset=8100)[0]

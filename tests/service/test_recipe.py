@@ -10,7 +10,8 @@ import pytest
 
 from lafter.finetune import AdaptConfig
 from tests.service.conftest import MIN_IMAGES, Service
-from tests.service.helpers import TINY_SPEC, poll_job, two_class_images, upload
+from tests.service.factories import create_dataset
+from tests.service.helpers import TINY_SPEC, poll_job
 
 # Stage 2 kept tiny, and nothing set that a recipe decides (prompt tokens, balancing, view strength).
 HP: dict[str, Any] = {"text_steps": 5, "epochs": 1, "batch_size": 4, "max_steps": 2}
@@ -20,10 +21,7 @@ TINY_WIDTH = 64
 
 @pytest.fixture(scope="module")
 def dataset(service: Service) -> dict[str, Any]:
-    ds = service.client.post("/v1/datasets", json={"name": "recipes"}).json()
-    r = upload(service.client, ds["id"], two_class_images(MIN_IMAGES, offset=9100))
-    assert r.status_code == 200, r.text
-    return ds
+    return {"id": create_dataset(service.client, "recipes", MIN_IMAGES, offset=9100)}
 
 
 def run(service: Service, dataset_id: str, **body: Any) -> dict[str, Any]:
