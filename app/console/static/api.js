@@ -31,14 +31,25 @@ export function onKeyChange(fn) {
   listeners.add(fn);
 }
 
-// Whether this service asked for a key at all (auth off answers every request without one).
-export let authRequired = false;
+// "on" once the service asked for a key, "off" once it answered a request sent without one (the
+// single-user mode), null until then.
+let authMode = null;
+
+export function getAuthMode() {
+  return authMode;
+}
+
+function noteAuthMode(mode) {
+  if (authMode === mode) return;
+  authMode = mode;
+  listeners.forEach((fn) => fn(getKey()));
+}
 
 let pendingPrompt = null;
 
 function askForKey(problem) {
   if (pendingPrompt) return pendingPrompt;
-  authRequired = true;
+  noteAuthMode("on");
   const overlay = document.getElementById("key-overlay");
   const form = document.getElementById("key-form");
   const input = document.getElementById("key-input");
@@ -89,6 +100,7 @@ export async function api(path, options = {}) {
       await askForKey(problem);
       continue;
     }
+    if (!key && response.ok && path.startsWith("/v1/")) noteAuthMode("off");
     if (raw && response.ok) return response;
     if (response.status === 204) return null;
     const text = await response.text();

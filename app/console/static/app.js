@@ -1,8 +1,8 @@
 // The console: a hash-routed single page app on the public /v1 API.
 
-import { authRequired, forgetKey, getKey, onKeyChange } from "./api.js";
+import { forgetKey, getAuthMode, getKey, onKeyChange } from "./api.js";
 import * as datasets from "./datasets.js";
-import { clear, errorBox, h } from "./dom.js";
+import { clear, errorBox, h, refill } from "./dom.js";
 import * as jobs from "./jobs.js";
 import * as models from "./models.js";
 
@@ -73,9 +73,9 @@ async function route() {
     root.append(h("div", { class: "loading", text: "Loading…" }));
     try {
       const content = await view(page, ...match.slice(1).map(decodeURIComponent));
-      if (page.active) clear(root).append(content);
+      if (page.active) refill(root, content);
     } catch (err) {
-      if (page.active) clear(root).append(errorBox(err));
+      if (page.active) refill(root, errorBox(err));
     }
     return;
   }
@@ -91,7 +91,7 @@ function renderSession() {
       h("span", { class: "mono", title: "the API key this tab uses", text: `key ${key.slice(0, 8)}…` }),
       h("button", { type: "button", id: "forget-key", text: "Forget key", onclick: () => { forgetKey(); route(); } }),
     );
-  } else if (!authRequired) {
+  } else if (getAuthMode() === "off") {
     el.append(h("span", { title: "the service answers without a key (single-user mode)", text: "no key needed" }));
   }
 }
@@ -100,6 +100,6 @@ onKeyChange(renderSession);
 window.addEventListener("hashchange", route);
 window.addEventListener("DOMContentLoaded", () => {
   renderSession();
-  route().then(renderSession);
+  route();
 });
 

@@ -2,7 +2,7 @@
 // report, and its images as thumbnails.
 
 import { api, ApiError } from "./api.js";
-import { badge, bytes, clear, errorBox, h, when } from "./dom.js";
+import { badge, bytes, clear, errorBox, h, when, refill } from "./dom.js";
 
 const THUMB_PAGE = 48;
 
@@ -66,7 +66,7 @@ export async function detail(page, id) {
   const ds = await api(`/v1/datasets/${encodeURIComponent(id)}`);
   const facts = h("dl", { class: "facts" });
   const showFacts = (d) => {
-    clear(facts).append(
+    refill(facts, 
       h("dt", { text: "Id" }), h("dd", { class: "mono", text: d.id }),
       h("dt", { text: "Status" }), h("dd", {}, badge(d.status)),
       h("dt", { text: "Training images" }), h("dd", { id: "image-count", text: d.image_count }),
@@ -97,7 +97,7 @@ export async function detail(page, id) {
 
   const report = h("div", { id: "upload-report" });
   const uploader = dropzone(page, ds, async (outcome) => {
-    clear(report).append(outcome);
+    refill(report, outcome);
     const fresh = await api(`/v1/datasets/${encodeURIComponent(ds.id)}`);
     if (!page.active) return;
     showFacts(fresh);

@@ -101,3 +101,8 @@ export function describeError(err) {
   }
   return err && err.message ? err.message : String(err);
 }
+
+// Replace an element's content (children as h() takes them: nested arrays, null skipped).
+export function refill(el, ...children) {
+  return append(clear(el), children);
+}

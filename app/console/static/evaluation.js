@@ -10,7 +10,7 @@ export const KIND_NAMES = {
   lafter: "adapted (LaFTer)",
 };
 const KINDS = ["zero_shot", "text_classifier", "lafter"];
-const KIND_COLORS = { zero_shot: "#8a94a8", text_classifier: "#e0a800", lafter: "#1a9c5b" };
+export const KIND_COLORS = { zero_shot: "#8a94a8", text_classifier: "#e0a800", lafter: "#1a9c5b" };
 
 export function evaluationView(model, job) {
   const ev = model.evaluation || {};

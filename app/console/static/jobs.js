@@ -1,7 +1,7 @@
 // Jobs: list, submit, and one job live (stage, progress, plots from its events, the evaluation).
 
 import { api, listAll } from "./api.js";
-import { badge, clear, duration, errorBox, h, progressBar, when } from "./dom.js";
+import { badge, clear, duration, errorBox, h, progressBar, when, refill } from "./dom.js";
 import { evaluationView } from "./evaluation.js";
 import { lineChart, stackedShares } from "./plots.js";
 
@@ -21,7 +21,7 @@ export async function list(page) {
           { "data-id": job.id },
           h("td", {}, h("a", { class: "mono", href: `#/jobs/${job.id}`, text: job.id })),
           h("td", {}, badge(job.status)),
-          h("td", { text: job.stage ? job.stage.replace(/_/g, " ") : "" }),
+          h("td", { text: ACTIVE.has(job.status) && job.stage ? job.stage.replace(/_/g, " ") : "" }),
           h("td", {}, progressBar(job.progress.percent, job.status)),
           h("td", { text: job.class_names.join(", ") }),
           h("td", { text: when(job.created_at) }),
@@ -200,7 +200,7 @@ export async function detail(page, id) {
           },
         })
       : null;
-    clear(header).append(
+    refill(header, 
       h("h2", { class: "mono", text: job.id }),
       h("span", { id: "job-status" }, badge(job.status)),
       h("span", { class: "spacer" }),
@@ -212,14 +212,14 @@ export async function detail(page, id) {
     const step = p.total_steps ? ` · step ${p.step} of ${p.total_steps}` : "";
     const where = job.status === "queued"
       ? `queued${job.queue_position ? ` (position ${job.queue_position})` : ""}`
-      : job.stage ? job.stage.replace(/_/g, " ") : job.status;
+      : ACTIVE.has(job.status) && job.stage ? job.stage.replace(/_/g, " ") : job.status;
     const doneIndex = job.status === "succeeded" ? STAGES.length : STAGES.indexOf(job.stage);
-    clear(progress).append(
+    refill(progress, 
       h("ul", { class: "stages" }, STAGES.map((st, i) => h("li", { class: i < doneIndex ? "done" : i === doneIndex && ACTIVE.has(job.status) ? "current" : "", text: st.replace(/_/g, " ") }))),
       h("div", { class: "progress-line" }, progressBar(p.percent, job.status, true), h("strong", { id: "job-percent", text: `${Math.round(p.percent)}%` })),
       h("div", { class: "hint", id: "job-stage", text: `${where}${step}${eta}` }),
     );
-    clear(facts).append(
+    refill(facts, 
       h("dt", { text: "Dataset" }), h("dd", {}, job.dataset_id ? h("a", { href: `#/datasets/${job.dataset_id}`, class: "mono", text: job.dataset_id }) : "deleted"),
       h("dt", { text: "Classes" }), h("dd", { text: job.class_names.join(", ") }),
       h("dt", { text: "Base model" }), h("dd", { class: "mono", text: job.base_model }),
@@ -241,17 +241,17 @@ export async function detail(page, id) {
     const key = `${series.text.length}/${series.adapt.length}/${series.hist.length}`;
     if (key === drawn) return;
     drawn = key;
-    clear(textChart).append(
+    refill(textChart, 
       h("h3", { text: "Stage 1: text classifier loss" }),
       h("div", { class: "sub", text: "trained on the class descriptions' embeddings" }),
       lineChart([{ name: "loss", points: series.text }], { yTitle: "loss" }),
     );
-    clear(adaptChart).append(
+    refill(adaptChart, 
       h("h3", { text: "Stage 2: adaptation loss" }),
       h("div", { class: "sub", text: "student on strong views vs. the teacher's pseudo-labels (mean over each logging window)" }),
       lineChart([{ name: "loss", points: series.adapt, color: "#e8590c" }], { yTitle: "loss" }),
     );
-    clear(histChart).append(
+    refill(histChart, 
       h("h3", { text: "Pseudo-labels over time" }),
       h("div", { class: "sub", text: "share of each class among the teacher's pseudo-labels, per logging window" }),
       stackedShares(series.histSteps, series.hist, job.class_names),
@@ -280,7 +280,7 @@ export async function detail(page, id) {
     evaluationShown = true;
     try {
       const model = await api(`/v1/models/${encodeURIComponent(job.model_id)}`);
-      if (page.active) clear(evaluation).append(evaluationView(model, job));
+      if (page.active) refill(evaluation, evaluationView(model, job));
     } catch (err) {
       evaluation.append(errorBox(err));
     }
@@ -290,12 +290,12 @@ export async function detail(page, id) {
     "section",
     {},
     header,
-    h("div", { class: "card" }, progress, errorSlot, warnings),
+    h("div", { class: "row" },
+      h("div", { class: "card grow" }, progress, errorSlot, warnings),
+      h("div", { class: "card side" }, facts, h("details", {}, h("summary", { text: "Hyperparameters" }), hpBox))),
     h("div", { class: "charts" }, textChart, adaptChart, histChart),
     evaluation,
-    h("div", { class: "row" },
-      h("div", { class: "card grow" }, h("h3", { text: "Events" }), logBox),
-      h("div", { class: "card" }, h("h3", { text: "Job" }), facts, h("details", {}, h("summary", { text: "Hyperparameters" }), hpBox))),
+    h("div", { class: "card" }, h("h3", { text: "Events" }), logBox),
   );
 
   await fetchEvents();

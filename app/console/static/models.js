@@ -2,8 +2,8 @@
 // a dropped image) and copy-paste snippets.
 
 import { api, getKey } from "./api.js";
-import { badge, bytes, clear, errorBox, h, when } from "./dom.js";
-import { evaluationView, KIND_NAMES } from "./evaluation.js";
+import { badge, bytes, clear, errorBox, h, when, refill } from "./dom.js";
+import { evaluationView, KIND_COLORS, KIND_NAMES } from "./evaluation.js";
 import { bars } from "./plots.js";
 
 export async function list() {
@@ -61,7 +61,9 @@ function tryIt(page, model) {
   const preview = h("div", { class: "preview" }, h("span", { class: "hint", text: "no image yet" }));
   const adapted = h("div", { id: "adapted-result" });
   const zeroShot = h("div", { id: "zero-shot-result" });
-  const topK = h("select", { id: "try-top-k" }, [1, 3, 5, 10].filter((k) => k <= Math.max(1, model.class_names.length)).map((k) => h("option", { value: k, selected: k === Math.min(5, model.class_names.length), text: `top ${k}` })));
+  const n = model.class_names.length;
+  const ks = [...new Set([1, 3, 5, 10, n])].filter((k) => k <= n).sort((a, b) => a - b);
+  const topK = h("select", { id: "try-top-k" }, ks.map((k) => h("option", { value: k, selected: k === Math.min(5, n), text: k === n ? `all ${n} classes` : `top ${k}` })));
   const input = h("input", { type: "file", id: "try-input", accept: "image/*" });
   input.hidden = true;
   const zone = h(
@@ -75,16 +77,16 @@ function tryIt(page, model) {
     if (!file) return;
     last = file;
     const img = h("img", { alt: file.name, src: page.objectUrl(file) });
-    clear(preview).append(img);
+    refill(preview, img);
     const topk = topK.value;
-    const column = (el, title, run) => {
-      clear(el).append(h("h3", { text: title }), h("div", { class: "loading", text: "classifying…" }));
+    const column = (el, title, run, fill) => {
+      refill(el, h("h3", { text: title }), h("div", { class: "loading", text: "classifying…" }));
       return run()
         .then((result) => {
           const preds = result.data[0].predictions;
-          clear(el).append(h("h3", { text: title }), bars(preds.map((p) => ({ label: p.label, value: p.score }))));
+          refill(el, h("h3", { text: title }), bars(preds.map((p) => ({ label: p.label, value: p.score })), { width: 360, colorOf: () => fill }));
         })
-        .catch((err) => clear(el).append(h("h3", { text: title }), errorBox(err)));
+        .catch((err) => refill(el, h("h3", { text: title }), errorBox(err)));
     };
     const form = (extra) => {
       const f = new FormData();
@@ -95,9 +97,9 @@ function tryIt(page, model) {
     };
     await Promise.all([
       column(adapted, `This model (${KIND_NAMES[model.kind] || model.kind})`, () =>
-        api(`/v1/models/${encodeURIComponent(model.id)}/classify`, { method: "POST", form: form({}) })),
+        api(`/v1/models/${encodeURIComponent(model.id)}/classify`, { method: "POST", form: form({}) }), KIND_COLORS[model.kind]),
       column(zeroShot, "Zero-shot CLIP (same base, same classes)", () =>
-        api("/v1/classify", { method: "POST", form: form({ base_model: model.base_model, class_names: JSON.stringify(model.class_names) }) })),
+        api("/v1/classify", { method: "POST", form: form({ base_model: model.base_model, class_names: JSON.stringify(model.class_names) }) }), KIND_COLORS.zero_shot),
     ]);
   };
   input.addEventListener("change", () => classify(input.files[0]));

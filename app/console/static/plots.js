@@ -63,7 +63,7 @@ function legend(items) {
 }
 
 // series: [{name, points: [[x, y], ...]}]
-export function lineChart(series, { width = 560, height = 230, xTitle = "step", yTitle = "" } = {}) {
+export function lineChart(series, { width = 380, height = 220, xTitle = "step", yTitle = "" } = {}) {
   const pts = series.flatMap((se) => se.points);
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "data-points": pts.length });
   const wrap = h("div", { class: "plot" }, svg);
@@ -71,7 +71,7 @@ export function lineChart(series, { width = 560, height = 230, xTitle = "step", 
     svg.append(s("text", { x: width / 2, y: height / 2, "text-anchor": "middle", text: "no points yet" }));
     return wrap;
   }
-  const f = frame(width, height, { left: 52, right: 14, top: 12, bottom: 34 });
+  const f = frame(width, height, { left: 48, right: 12, top: 10, bottom: 34 });
   let [xmin, xmax] = [Math.min(...pts.map((p) => p[0])), Math.max(...pts.map((p) => p[0]))];
   let [ymin, ymax] = [Math.min(...pts.map((p) => p[1])), Math.max(...pts.map((p) => p[1]))];
   if (xmax === xmin) { xmin -= 1; xmax += 1; }
@@ -100,14 +100,14 @@ export function lineChart(series, { width = 560, height = 230, xTitle = "step", 
 
 // The share of each class among the pseudo-labels of each logging window, stacked to 100%.
 // steps: [x...], counts: [[count per class]...] (one row per step), classes: [names]
-export function stackedShares(steps, counts, classes, { width = 560, height = 230 } = {}) {
+export function stackedShares(steps, counts, classes, { width = 380, height = 220 } = {}) {
   const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "data-points": steps.length });
   const wrap = h("div", { class: "plot" }, svg);
   if (!steps.length) {
     svg.append(s("text", { x: width / 2, y: height / 2, "text-anchor": "middle", text: "no points yet" }));
     return wrap;
   }
-  const f = frame(width, height, { left: 52, right: 14, top: 12, bottom: 34 });
+  const f = frame(width, height, { left: 48, right: 12, top: 10, bottom: 34 });
   const shares = counts.map((row) => {
     const total = row.reduce((a, b) => a + b, 0) || 1;
     return row.map((v) => v / total);
@@ -138,7 +138,7 @@ export function bars(items, { max = 1, format = (v) => `${(100 * v).toFixed(1)}%
   const row = 26;
   const labelW = Math.min(170, Math.max(70, 8 + 7 * Math.max(0, ...items.map((it) => String(it.label).length))));
   const height = Math.max(row, items.length * row) + 4;
-  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "bars", "data-points": items.length });
+  const svg = s("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", class: "bars", width, "data-points": items.length });
   const valueW = 58;
   const barW = width - labelW - valueW - 8;
   items.forEach((it, i) => {
