@@ -193,6 +193,8 @@ def test_with_a_key_from_upload_to_a_classified_image(
             "() => [document.querySelector('#job-status')?.textContent || '',"
             " Number(document.querySelector('#job-progress [role=progressbar]')?.getAttribute('aria-valuenow'))]"
         )
+        if state[0] == "running" and all(s != "running" for s, _ in seen):
+            shot(page, screenshots, "04-job-running")  # when the job is slow enough to be seen running
         seen.append((state[0], state[1]))
         if state[0] in ("succeeded", "failed", "cancelled"):
             break
