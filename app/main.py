@@ -12,6 +12,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.base_models.router import router as base_models_router
+from app.console.router import router as console_router
 from app.core.auth import KeyFirst, current_owner
 from app.core.errors import install_error_handlers, problem
 from app.core.limits import BodyLimitMiddleware
@@ -155,6 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, route_of=lambda scope: _route_name(routes, scope))
     # /healthz, /readyz: public; /metrics: open in development, LAFTER_METRICS_TOKEN or off in production
     app.include_router(health_router)
+    app.include_router(console_router)  # /console: static files, public; they call /v1 with the user's key
     # Every /v1 request is authenticated by ``KeyFirst`` before its body is read; the dependency
     # hands its owner to the routes (and checks the key itself where the middleware is absent), even
     # to one that forgets to ask for the owner itself.

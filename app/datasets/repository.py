@@ -95,3 +95,20 @@ def unreferenced_keys(session: Session, keys: Iterable[str]) -> list[str]:
 def delete_dataset(session: Session, dataset_id: str) -> None:
     session.execute(delete(DatasetImage).where(DatasetImage.dataset_id == dataset_id))
     session.execute(delete(Dataset).where(Dataset.id == dataset_id))
+
+
+def images_query(dataset_id: str, split: str | None = None) -> Select[Any]:
+    stmt = select(DatasetImage).where(DatasetImage.dataset_id == dataset_id)
+    if split is not None:
+        stmt = stmt.where(DatasetImage.split == split)
+    return stmt
+
+
+def get_image(session: Session, owner_id: str, dataset_id: str, image_id: str) -> DatasetImage | None:
+    return session.scalar(
+        select(DatasetImage).where(
+            DatasetImage.id == image_id,
+            DatasetImage.dataset_id == dataset_id,
+            DatasetImage.owner_id == owner_id,
+        )
+    )

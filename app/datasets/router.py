@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Response, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Header, Query, Response, UploadFile, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -11,10 +11,11 @@ from app.core.db import get_session
 from app.core.errors import NotFound
 from app.core.pagination import Page, PageParams, page_params, paginate
 from app.core.settings import Settings, get_settings
-from app.core.storage import BlobStorage, BlobWrites, get_storage
+from app.core.storage import BlobNotFound, BlobStorage, BlobWrites, get_storage
 from app.datasets import repository, service
-from app.datasets.schemas import DatasetCreate, DatasetOut, UploadReport
-from app.datasets.tables import Dataset
+from app.datasets.images import thumbnail_jpeg
+from app.datasets.schemas import DatasetCreate, DatasetImageOut, DatasetOut, UploadReport
+from app.datasets.tables import Dataset, DatasetImage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
@@ -108,3 +109,52 @@ def upload_images(
         blobs.rollback()
         raise
     return report
+
+
+@router.get("/{dataset_id}/images", response_model=Page[DatasetImageOut])
+def list_images(
+    dataset_id: str,
+    split: Literal["train", "eval"] | None = Query(None, description="only this split"),
+    params: PageParams = Depends(page_params),
+    owner: Owner = Depends(current_owner),
+    session: Session = Depends(get_session),
+) -> Page[DatasetImageOut]:
+    ds = service.get(session, owner, dataset_id)
+    rows, has_more, cursor = paginate(session, repository.images_query(ds.id, split), DatasetImage.id, params)
+    return Page[DatasetImageOut](
+        data=[service.image_out(r) for r in rows], has_more=has_more, next_cursor=cursor
+    )
+
+
+# An image id names fixed bytes (images are never edited, only deleted), so a thumbnail may be kept
+# a day; private (it is one owner's), and revalidated cheaply by its ETag after that.
+THUMBNAIL_CACHE = "private, max-age=86400"
+
+
+@router.get(
+    "/{dataset_id}/images/{image_id}/thumbnail",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/jpeg": {}}, "description": "a JPEG, its longer side at most `size`"},
+        304: {"description": "If-None-Match matched: the thumbnail the client holds is current"},
+    },
+)
+def image_thumbnail(
+    dataset_id: str,
+    image_id: str,
+    size: int = Query(256, ge=16, le=512, description="longest side in pixels (never enlarged)"),
+    if_none_match: str | None = Header(None, alias="If-None-Match", max_length=1000),
+    owner: Owner = Depends(current_owner),
+    session: Session = Depends(get_session),
+    storage: BlobStorage = Depends(get_storage),
+) -> Response:
+    row = service.get_image(session, owner, dataset_id, image_id)
+    etag = f'"{row.sha256[:32]}-{size}"'
+    headers = {"Cache-Control": THUMBNAIL_CACHE, "ETag": etag, "Vary": "Authorization"}
+    if if_none_match is not None and etag in {t.strip().removeprefix("W/") for t in if_none_match.split(",")}:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    try:
+        data = storage.get(row.storage_key)
+    except BlobNotFound:
+        raise NotFound(f"the stored file of image {row.id} is missing", code="image_data_missing") from None
+    return Response(thumbnail_jpeg(data, size), media_type="image/jpeg", headers=headers)

@@ -28,6 +28,20 @@ class DatasetOut(BaseModel):
     updated_at: datetime
 
 
+class DatasetImageOut(BaseModel):
+    object: Literal["dataset_image"] = "dataset_image"
+    id: str
+    filename: str
+    format: str
+    width: int
+    height: int
+    bytes: int = Field(description="size of the stored file")
+    sha256: str
+    split: Literal["train", "eval"]
+    label: str | None = Field(description="the class of an evaluation image; null in the training split")
+    created_at: datetime
+
+
 class AcceptedFile(BaseModel):
     filename: str
     image_id: str

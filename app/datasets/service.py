@@ -21,6 +21,7 @@ from app.datasets.images import SIZE_CODES, Candidate, DecodedImage, Limits, Rej
 from app.datasets.schemas import (
     AcceptedFile,
     DatasetCreate,
+    DatasetImageOut,
     DatasetOut,
     DuplicateFile,
     RejectedFile,
@@ -83,6 +84,30 @@ def get(
     if ds is None:
         raise NotFound(f"dataset {dataset_id} not found", code="dataset_not_found")
     return ds
+
+
+def get_image(session: Session, owner: Owner, dataset_id: str, image_id: str) -> DatasetImage:
+    """One image of one of the owner's datasets: another owner's, or another dataset's, is not found."""
+    row = repository.get_image(session, owner.id, dataset_id, image_id)
+    if row is None:
+        get(session, owner, dataset_id)  # an unknown dataset says so
+        raise NotFound(f"image {image_id} not found in dataset {dataset_id}", code="image_not_found")
+    return row
+
+
+def image_out(row: DatasetImage) -> DatasetImageOut:
+    return DatasetImageOut(
+        id=row.id,
+        filename=row.filename,
+        format=row.format,
+        width=row.width,
+        height=row.height,
+        bytes=row.size_bytes,
+        sha256=row.sha256,
+        split=row.split,  # type: ignore[arg-type]
+        label=row.label,
+        created_at=row.created_at,
+    )
 
 
 def parse_labels(raw: str | None) -> dict[str, str]:

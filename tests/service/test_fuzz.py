@@ -54,7 +54,9 @@ class Fuzzer:
         self.key = create_key(service.env, "fuzzer")
         self.client = httpx.Client(base_url=service.url, headers=bearer(self.key), timeout=60)
         ds = self.client.post("/v1/datasets", json={"name": "fuzz"}).json()
-        assert upload(self.client, ds["id"], two_class_images(MIN_IMAGES, offset=13000)).status_code == 200
+        uploaded = upload(self.client, ds["id"], two_class_images(MIN_IMAGES, offset=13000))
+        assert uploaded.status_code == 200, uploaded.text
+        image_id = uploaded.json()["accepted"][0]["image_id"]
         r = self.client.post(
             "/v1/jobs",
             json={
@@ -68,7 +70,12 @@ class Fuzzer:
         assert r.status_code == 202, r.text
         job = poll_job(self.client, r.json()["id"], {"succeeded", "failed", "cancelled"})
         assert job["status"] == "succeeded", job
-        self.real = {"dataset_id": ds["id"], "job_id": job["id"], "model_id": job["model_id"]}
+        self.real = {
+            "dataset_id": ds["id"],
+            "job_id": job["id"],
+            "model_id": job["model_id"],
+            "image_id": image_id,
+        }
 
     def fresh(self, name: str) -> str:
         """Something that may be destroyed: a new dataset, or a copy of the fuzzer's model."""
