@@ -242,6 +242,9 @@ def test_with_a_key_from_upload_to_a_classified_image(
         expect(table.locator("td.cell")).to_have_text([str(n) for row in matrix for n in row])
         expect(table.locator("td.diag")).to_have_text([str(matrix[i][i]) for i in range(2)])
         expect(table.locator("td.total")).to_have_text(["2", "2"])
+        right = matrix[0][0] + matrix[1][1]
+        expect(page.locator("#confusion-summary")).to_contain_text(f"{right} of 4 images on the diagonal")
+        assert right / 4 == pytest.approx(labelled_ev["accuracy"][kind], abs=1e-4)
     page.click(f"#chart-confusion button[data-kind={model['evaluation']['selection']['served']}]")
     for warning in job["warnings"]:
         expect(page.locator("#job-warnings")).to_contain_text(warning["code"])

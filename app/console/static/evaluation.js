@@ -40,7 +40,7 @@ function confusionView(labelled, classes, served) {
 function confusionTable(matrix, classes, kind) {
   const head = h("tr", {}, h("th", { class: "corner", text: "true ↓  predicted →" }),
     classes.map((c) => h("th", { class: "cls", title: c, text: c })),
-    h("th", { class: "num", text: "images" }));
+    h("th", { class: "num count", text: "images" }));
   const rows = matrix.map((row, i) => {
     const total = row.reduce((a, b) => a + b, 0);
     return h("tr", {},
@@ -56,7 +56,12 @@ function confusionTable(matrix, classes, kind) {
       }),
       h("td", { class: "num total", text: total }));
   });
-  return h("table", { id: "confusion", class: "confusion", dataset: { kind } }, h("thead", {}, head), h("tbody", {}, rows));
+  const right = matrix.reduce((a, row, i) => a + row[i], 0);
+  const all = matrix.reduce((a, row) => a + row.reduce((x, y) => x + y, 0), 0);
+  return [
+    h("table", { id: "confusion", class: "confusion", dataset: { kind } }, h("thead", {}, head), h("tbody", {}, rows)),
+    h("p", { class: "hint", id: "confusion-summary", text: `${KIND_NAMES[kind]}: ${right} of ${all} images on the diagonal (${pct(all ? right / all : 0)})` }),
+  ];
 }
 
 export function evaluationView(model, job) {
