@@ -32,6 +32,9 @@ KINDS = ("lafter", "text_classifier", "zero_shot")
 # On an accuracy tie the adapted model wins (it is what was asked for), then the text classifier.
 PREFERENCE = {"lafter": 0, "text_classifier": 1, "zero_shot": 2}
 DOMINANCE_MARGIN = 0.15
+# A confusion matrix is C*C counts stored in the job's JSON: above this many classes it is left out
+# (the accuracies stay) so a 1000-class job does not store a million numbers.
+MAX_CONFUSION_CLASSES = 50
 
 
 def predictions(probs: torch.Tensor) -> torch.Tensor:
@@ -67,6 +70,20 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor | Sequence[int]) -> float
     if y.numel() == 0:
         raise ValueError("accuracy needs at least one labelled image")
     return float((predictions(probs) == y).float().mean().item())
+
+
+def confusion_matrix(
+    probs: torch.Tensor, labels: torch.Tensor | Sequence[int], num_classes: int
+) -> list[list[int]]:
+    """Counts of (true class, predicted class): row ``i`` holds the images labelled ``i``, column ``j``
+    those predicted ``j``; each row sums to the number of images of its class."""
+    y = torch.as_tensor(labels, dtype=torch.long)
+    if y.shape[0] != probs.shape[0]:
+        raise ValueError("confusion_matrix needs one label per prediction")
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise ValueError(f"labels must be class indices in [0, {num_classes})")
+    cells = torch.bincount(y * num_classes + predictions(probs), minlength=num_classes * num_classes)
+    return [[int(v) for v in row] for row in cells.view(num_classes, num_classes).tolist()]
 
 
 def dominance_threshold(num_classes: int) -> float:

@@ -233,10 +233,8 @@ def evaluate_candidates(
         assert eval_images is not None and eval_labels is not None
         if len(eval_images) != len(eval_labels):
             raise ValueError("eval_images and eval_labels differ in length")
-        accuracies = {
-            kind: evaluate.accuracy(clf.predict_uint8(eval_images.data), list(eval_labels))
-            for kind, clf in classifiers.items()
-        }
+        eval_probs = {kind: clf.predict_uint8(eval_images.data) for kind, clf in classifiers.items()}
+        accuracies = {kind: evaluate.accuracy(p, list(eval_labels)) for kind, p in eval_probs.items()}
         selection = evaluate.select_best(accuracies, len(eval_labels))
         served, reason = selection.kind, selection.reason
         report["labelled"] = {
@@ -244,6 +242,14 @@ def evaluate_candidates(
             "accuracy": {k: round(v, 4) for k, v in accuracies.items()},
             "guard_would_serve": guard_kind,
         }
+        if len(names) <= evaluate.MAX_CONFUSION_CLASSES:
+            # rows: true class, columns: predicted class, both in the order of ``class_names``
+            report["labelled"]["confusion"] = {
+                kind: evaluate.confusion_matrix(p, list(eval_labels), len(names))
+                for kind, p in eval_probs.items()
+            }
+        else:
+            report["labelled"]["confusion_omitted"] = "too many classes"
         if selection.worse_than_baseline:
             warnings.append(_warning("adaptation_worse", reason, served=served))
     else:

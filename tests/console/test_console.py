@@ -224,6 +224,28 @@ def test_with_a_key_from_upload_to_a_classified_image(
     expect(page.locator("#chart-accuracy rect.bar")).to_have_count(3)
     expect(page.locator("#selection")).to_contain_text(model["evaluation"]["selection"]["reason"])
     expect(page.locator("#diagnostics tbody tr")).to_have_count(3)
+    # Its confusion matrices, as the API has them: the served classifier's first, the others a click
+    # away; rows are the true classes (two labelled images each), columns the predictions.
+    labelled_ev = model["evaluation"]["labelled"]
+    assert labelled_ev["images"] == len(labelled)
+    confusion = labelled_ev["confusion"]
+    assert set(confusion) == {"zero_shot", "text_classifier", "lafter"}
+    for matrix in confusion.values():
+        assert [sum(row) for row in matrix] == [2, 2]  # red, blue: the job's class order
+    table = page.locator("#confusion")
+    expect(table).to_have_attribute("data-kind", model["evaluation"]["selection"]["served"])
+    for kind, matrix in confusion.items():
+        page.click(f"#chart-confusion button[data-kind={kind}]")
+        expect(table).to_have_attribute("data-kind", kind)
+        expect(table.locator("thead th.cls")).to_have_text(["red", "blue"])
+        expect(table.locator("tbody th.cls")).to_have_text(["red", "blue"])
+        expect(table.locator("td.cell")).to_have_text([str(n) for row in matrix for n in row])
+        expect(table.locator("td.diag")).to_have_text([str(matrix[i][i]) for i in range(2)])
+        expect(table.locator("td.total")).to_have_text(["2", "2"])
+        right = matrix[0][0] + matrix[1][1]
+        expect(page.locator("#confusion-summary")).to_contain_text(f"{right} of 4 images on the diagonal")
+        assert right / 4 == pytest.approx(labelled_ev["accuracy"][kind], abs=1e-4)
+    page.click(f"#chart-confusion button[data-kind={model['evaluation']['selection']['served']}]")
     for warning in job["warnings"]:
         expect(page.locator("#job-warnings")).to_contain_text(warning["code"])
     expect(page.locator("#job-log")).to_contain_text("stage adapting started")

@@ -181,6 +181,12 @@ def test_eval_dir_is_evaluated_on_and_never_trained_on(
     assert set(accuracy) == {"zero_shot", "text_classifier", "lafter"}
     assert summary["served"]["kind"] == evaluation["selection"]["served"]
     assert accuracy[summary["served"]["kind"]] == max(accuracy.values())
+    # a confusion matrix per classifier, rows (true class) in summary["classes"] order: 3 images each
+    confusion = evaluation["labelled"]["confusion"]
+    assert set(confusion) == set(accuracy) and len(summary["classes"]) == 2
+    for kind, matrix in confusion.items():
+        assert [sum(row) for row in matrix] == [3, 3]
+        assert (matrix[0][0] + matrix[1][1]) / 6 == pytest.approx(accuracy[kind], abs=1e-4)
     assert AdaptedModel.load(out).kind == summary["served"]["kind"]
 
 

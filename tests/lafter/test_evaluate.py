@@ -77,3 +77,21 @@ def test_diagnostics_cover_every_classifier() -> None:
     assert out["lafter"]["pseudo_label_histogram"] == {"a": 2, "b": 0}
     assert out["lafter"]["agreement_with_zero_shot"] == 0.5
     assert "agreement_with_zero_shot" not in out["zero_shot"]
+
+
+def test_confusion_matrix_rows_are_true_classes_columns_predictions() -> None:
+    # labels   0 0 0 1 1 2
+    # predicted 0 1 0 1 2 2  -> class 0: two right, one taken for 1; class 1: one right, one for 2
+    probs = one_hot([0, 1, 0, 1, 2, 2], 3)
+    matrix = evaluate.confusion_matrix(probs, [0, 0, 0, 1, 1, 2], 3)
+    assert matrix == [[2, 1, 0], [0, 1, 1], [0, 0, 1]]
+    assert [sum(row) for row in matrix] == [3, 2, 1]
+    # the diagonal over the total is the accuracy
+    assert sum(matrix[i][i] for i in range(3)) / 6 == pytest.approx(
+        evaluate.accuracy(probs, [0, 0, 0, 1, 1, 2])
+    )
+    assert evaluate.confusion_matrix(one_hot([1], 4), [3], 4) == [[0] * 4, [0] * 4, [0] * 4, [0, 1, 0, 0]]
+    with pytest.raises(ValueError):
+        evaluate.confusion_matrix(probs, [0, 1], 3)
+    with pytest.raises(ValueError):
+        evaluate.confusion_matrix(probs, [0, 0, 0, 1, 1, 3], 3)

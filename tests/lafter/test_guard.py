@@ -128,3 +128,21 @@ def test_labelled_split_decides_by_accuracy(backbone, cache):
     assert ev.served == "text_classifier"  # tie with zero-shot goes to the text classifier
     assert any(w["code"] == "adaptation_worse" for w in ev.warnings)
     assert "guard_would_serve" in ev.report["labelled"]
+    # confusion matrices: rows true class, columns predicted, in CLASSES order; each row sums to the
+    # images of its class. Zero-shot predicts its own labels (diagonal); "always 0" fills column 0.
+    per_class = [labels.count(i) for i in range(len(CLASSES))]
+    confusion = ev.report["labelled"]["confusion"]
+    assert set(confusion) == {"zero_shot", "text_classifier", "lafter"}
+    assert confusion["zero_shot"] == [[per_class[i] if i == j else 0 for j in range(3)] for i in range(3)]
+    assert confusion["lafter"] == [[n, 0, 0] for n in per_class]
+    for matrix in confusion.values():
+        assert [sum(row) for row in matrix] == per_class
+
+
+def test_confusion_is_left_out_for_many_classes(backbone, cache):
+    names = [f"class {i}" for i in range(51)]
+    zs = AdaptedModel.zero_shot(backbone, names)
+    labels = [i % 51 for i in range(len(cache))]
+    ev = evaluate_candidates(backbone, {"zero_shot": zs}, cache, cache, labels)
+    assert ev.report["labelled"]["confusion_omitted"] == "too many classes"
+    assert "confusion" not in ev.report["labelled"] and "zero_shot" in ev.report["labelled"]["accuracy"]
