@@ -1,5 +1,7 @@
 """The console in a real browser: the system's Chromium driven by Playwright, against the service
-stack of ``tests/service`` (its fixtures, reused: Postgres, Redis, a Celery worker, a uvicorn API)."""
+stack of ``tests/service/conftest.py`` (the same session's one: Postgres, Redis, a Celery worker, a
+uvicorn API). These tests live under ``tests/service`` so that they share that stack: a second
+stack on the same broker would have its worker take the first one's jobs."""
 
 from __future__ import annotations
 
@@ -11,18 +13,13 @@ from typing import Any
 
 import pytest
 
-from tests.service.conftest import (  # noqa: F401  (fixtures and the log hook, shared)
-    Service,
-    fake_llm,
-    pg_database,
-    pytest_runtest_makereport,
-    redis_broker,
-    service,
-)
+from tests.service.conftest import Service
 from tests.service.helpers import REPO, api_process
 
 # Where the tests leave a screenshot of each page (gitignored); LAFTER_CONSOLE_SCREENSHOTS moves it.
-SCREENSHOTS = Path(os.environ.get("LAFTER_CONSOLE_SCREENSHOTS", REPO / "tests" / "console" / "screenshots"))
+SCREENSHOTS = Path(
+    os.environ.get("LAFTER_CONSOLE_SCREENSHOTS", REPO / "tests" / "service" / "console" / "screenshots")
+)
 
 
 def chromium_path() -> str | None:
@@ -59,7 +56,7 @@ def screenshots() -> Path:
 
 
 @pytest.fixture(scope="session")
-def auth_off_url(service: Service) -> Iterator[str]:  # noqa: F811  (the imported fixture)
+def auth_off_url(service: Service) -> Iterator[str]:
     """A second API on the same database and broker (so the same worker) with auth off: the
     embedded mode's single user, who never sees a key prompt."""
     env = {**service.env, "LAFTER_AUTH": "off", "LAFTER_DEFAULT_OWNER_ID": "console-single-user"}
