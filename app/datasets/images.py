@@ -83,15 +83,9 @@ class DecodedImage:
 def decode_image(candidate: Candidate, limits: Limits) -> DecodedImage | Rejection:
     """Accept a file only if it really decodes, completely, as an image within the pixel limit."""
     name, data = candidate.filename, candidate.data
-    if not data:
-        return Rejection(name, "empty_file", "the file is empty")
-    if len(data) > limits.max_file_bytes:
-        return Rejection(
-            name, "file_too_large", f"{len(data)} bytes exceeds the per-file limit of {limits.max_file_bytes}"
-        )
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        # Some import flipped Pillow's global: truncated files would decode as grey padding.
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; refusing to validate uploads")
+    refused = _bytes_rejection(name, data, limits)
+    if refused is not None:
+        return refused
     try:
         with warnings.catch_warnings():
             # Our own pixel limit below is the one that counts; Pillow's (2x its warning level)
@@ -109,14 +103,33 @@ def decode_image(candidate: Candidate, limits: Limits) -> DecodedImage | Rejecti
                 if img.size != (width, height):
                     raise OSError("the image changed size between reads")
                 img.load()
-    except UnidentifiedImageError:
-        return Rejection(name, "not_an_image", "the file is not an image in a supported format")
-    except Image.DecompressionBombError:
-        return Rejection(name, "image_too_many_pixels", "the image header declares too many pixels")
     except Exception as exc:  # truncated or corrupt data surfaces as many exception types
-        return Rejection(name, "image_corrupt", f"the image could not be decoded: {exc}")
+        return _decode_rejection(name, exc)
     digest = hashlib.sha256(data).hexdigest()
     return DecodedImage(name, data, digest, fmt, width, height, candidate.label)
+
+
+def _bytes_rejection(name: str, data: bytes, limits: Limits) -> Rejection | None:
+    """The checks before Pillow sees the bytes: empty, over the per-file limit."""
+    if not data:
+        return Rejection(name, "empty_file", "the file is empty")
+    if len(data) > limits.max_file_bytes:
+        return Rejection(
+            name, "file_too_large", f"{len(data)} bytes exceeds the per-file limit of {limits.max_file_bytes}"
+        )
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Some import flipped Pillow's global: truncated files would decode as grey padding.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; refusing to decode uploads")
+    return None
+
+
+def _decode_rejection(name: str, exc: Exception) -> Rejection:
+    """What a failed open or decode means to the caller."""
+    if isinstance(exc, UnidentifiedImageError):
+        return Rejection(name, "not_an_image", "the file is not an image in a supported format")
+    if isinstance(exc, Image.DecompressionBombError):
+        return Rejection(name, "image_too_many_pixels", "the image header declares too many pixels")
+    return Rejection(name, "image_corrupt", f"the image could not be decoded: {exc}")
 
 
 def _header_rejection(name: str, fmt: str, width: int, height: int, limits: Limits) -> Rejection | None:
@@ -145,14 +158,9 @@ def decode_for_prediction(candidate: Candidate, limits: Limits, size: int) -> np
     (``verify``) and no content hash. JPEGs decode at reduced scale when they are larger than the
     model's input (Pillow's draft mode), as the training cache does."""
     name, data = candidate.filename, candidate.data
-    if not data:
-        return Rejection(name, "empty_file", "the file is empty")
-    if len(data) > limits.max_file_bytes:
-        return Rejection(
-            name, "file_too_large", f"{len(data)} bytes exceeds the per-file limit of {limits.max_file_bytes}"
-        )
-    if ImageFile.LOAD_TRUNCATED_IMAGES:
-        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is enabled; refusing to decode uploads")
+    refused = _bytes_rejection(name, data, limits)
+    if refused is not None:
+        return refused
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -165,12 +173,8 @@ def decode_for_prediction(candidate: Candidate, limits: Limits, size: int) -> np
                     img.draft("RGB", (size, size))
                 img.load()
                 return to_square_uint8(img, size)
-    except UnidentifiedImageError:
-        return Rejection(name, "not_an_image", "the file is not an image in a supported format")
-    except Image.DecompressionBombError:
-        return Rejection(name, "image_too_many_pixels", "the image header declares too many pixels")
-    except Exception as exc:  # truncated or corrupt data surfaces as many exception types
-        return Rejection(name, "image_corrupt", f"the image could not be decoded: {exc}")
+    except Exception as exc:
+        return _decode_rejection(name, exc)
 
 
 def thumbnail_jpeg(data: bytes, size: int, quality: int = 80) -> bytes:
