@@ -42,6 +42,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "default_50_prompts": {"prompt_tokens": 50},
     "default_16_prompts": {"prompt_tokens": 16},
     "default_8_prompts": {"prompt_tokens": 8},
+    "default_4_prompts": {"prompt_tokens": 4},
 }
 
 
