@@ -96,6 +96,12 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def width_scaled_prompt_tokens(patches: int, width: int) -> int:
+    """Prompt tokens in proportion to the patch count and to the tower's width, relative to ViT-B/32
+    (49 patches, width 768: the reference's 50); in [4, 50]."""
+    return max(4, min(50, round(50 * patches / 49 * width / 768)))
+
+
 # --- pretraining ------------------------------------------------------------------------------------
 
 
@@ -217,6 +223,19 @@ def run_world_seed(world_name: str, seed: int, opts: dict[str, Any]) -> dict[str
     row["zero_shot"] = acc(zero_shot)
     on_pool(zero_shot, "zero_shot")
 
+    # --default-prompt-tokens: an experiment on the default recipe's prompt count (the paper's stays 50)
+    prompt_opt = opts.get("default_prompt_tokens")
+    if prompt_opt == "width":
+        patches = (backbone.image_size // backbone.patch_size) ** 2
+        default_prompts: int | str = width_scaled_prompt_tokens(patches, backbone.width)
+    else:
+        default_prompts = int(prompt_opt) if prompt_opt else "auto"
+    row["default_prompt_tokens_option"] = prompt_opt
+
+    def config(recipe: str, max_steps: int | None) -> Any:
+        extra = {"prompt_tokens": default_prompts} if recipe == "default" else {}
+        return AdaptConfig(recipe=recipe, max_steps=max_steps, **extra)  # type: ignore[arg-type]
+
     runs: dict[str, Any] = {}
     for recipe in ("paper", "default"):
         t = time.perf_counter()
@@ -225,7 +244,7 @@ def run_world_seed(world_name: str, seed: int, opts: dict[str, Any]) -> dict[str
             names,
             pool,
             descriptions=DescriptionConfig(source="templates"),
-            adapt_config=AdaptConfig(recipe=recipe, max_steps=opts["max_steps"]),  # type: ignore[arg-type]
+            adapt_config=config(recipe, opts["max_steps"]),
             seed=seed,
         )
         runs[recipe] = run
@@ -248,7 +267,7 @@ def run_world_seed(world_name: str, seed: int, opts: dict[str, Any]) -> dict[str
             run.text.head,
             pool,
             names,
-            AdaptConfig(recipe=recipe, max_steps=1),  # type: ignore[arg-type]
+            config(recipe, 1),
             seed=seed,
         )
         row[f"{key}_step1"] = acc(one.model)
@@ -458,6 +477,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=DEFAULT_MAX_STEPS,
         help="stage-2 step cap for both recipes (0: none, the library's epochs='auto' decides)",
     )
+    p.add_argument(
+        "--default-prompt-tokens",
+        default=None,
+        help="experiment: the default recipe's prompt tokens (a number, or 'width': "
+        "round(50 * patches/49 * width/768) in [4, 50], the reference's 50 at ViT-B/32); default: the recipe's",
+    )
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--models-dir", type=Path, default=OUT_DIR / "models")
     p.add_argument("--out", type=Path, default=OUT_DIR / "results.json")
@@ -483,6 +508,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "test": args.test,
         "probe_train": args.probe_train,
         "max_steps": args.max_steps or None,
+        "default_prompt_tokens": args.default_prompt_tokens,
     }
     # biggest jobs first, so that the workers finish together
     order = sorted(
