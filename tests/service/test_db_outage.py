@@ -121,8 +121,11 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
 
-@pytest.fixture
-def proxied(service: Service) -> Iterator[tuple[TcpProxy, httpx.Client]]:
+@contextlib.contextmanager
+def api_behind_proxy(
+    service: Service, log_name: str, timeout: float = 30, **extra_env: str
+) -> Iterator[tuple[TcpProxy, httpx.Client]]:
+    """A second API process that reaches Postgres through a proxy the test can cut, and a client of it."""
     url = make_url(service.env["LAFTER_DATABASE_URL"])
     proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
     proxy.set("up")
@@ -133,15 +136,22 @@ def proxied(service: Service) -> Iterator[tuple[TcpProxy, httpx.Client]]:
         ),
         "LAFTER_DB_CONNECT_TIMEOUT_S": "2",
         "LAFTER_REAPER_INTERVAL_S": "0",  # only requests touch the database in this process
+        **extra_env,
     }
     try:
         with (
-            api_process(env, service.logs / "api-db-outage.log") as api_url,
-            httpx.Client(base_url=api_url, headers=bearer(service.key), timeout=30) as client,
+            api_process(env, service.logs / log_name) as api_url,
+            httpx.Client(base_url=api_url, headers=bearer(service.key), timeout=timeout) as client,
         ):
             yield proxy, client
     finally:
         proxy.close()
+
+
+@pytest.fixture
+def proxied(service: Service) -> Iterator[tuple[TcpProxy, httpx.Client]]:
+    with api_behind_proxy(service, "api-db-outage.log") as pair:
+        yield pair
 
 
 def _assert_503(r: httpx.Response) -> None:

@@ -12,19 +12,16 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy.engine import make_url
 
 from tests.service.conftest import MIN_IMAGES, Service
 from tests.service.factories import create_dataset, submit_job
 from tests.service.helpers import (
     LONG_HP,
     TINY_HP,
-    api_process,
-    bearer,
     create_key,
     wait_for,
 )
-from tests.service.test_db_outage import TcpProxy
+from tests.service.test_db_outage import TcpProxy, api_behind_proxy
 
 SSE = {"Accept": "text/event-stream"}
 
@@ -193,26 +190,10 @@ def test_live_stream_resumes_without_duplicates_or_gaps_and_ends_on_cancel(
 @pytest.fixture
 def proxied_api(service: Service) -> Iterator[tuple[TcpProxy, httpx.Client]]:
     """A second API process that reaches Postgres through a proxy the test can cut."""
-    url = make_url(service.env["LAFTER_DATABASE_URL"])
-    proxy = TcpProxy((url.host or "127.0.0.1", url.port or 5432))
-    proxy.set("up")
-    env = {
-        **service.env,
-        "LAFTER_DATABASE_URL": url.set(host="127.0.0.1", port=proxy.port).render_as_string(
-            hide_password=False
-        ),
-        "LAFTER_DB_CONNECT_TIMEOUT_S": "2",
-        "LAFTER_REAPER_INTERVAL_S": "0",
-        "LAFTER_EVENTS_HEARTBEAT_S": "0.3",
-    }
-    try:
-        with (
-            api_process(env, service.logs / "api-stream-outage.log") as api_url,
-            httpx.Client(base_url=api_url, headers=bearer(service.key), timeout=60) as client,
-        ):
-            yield proxy, client
-    finally:
-        proxy.close()
+    with api_behind_proxy(
+        service, "api-stream-outage.log", timeout=60, LAFTER_EVENTS_HEARTBEAT_S="0.3"
+    ) as pair:
+        yield pair
 
 
 def test_stream_survives_a_database_outage(
