@@ -25,8 +25,8 @@ def dispatch(
     sessions: sessionmaker[Session], settings: Settings, owner_id: str, *, min_age_s: float = 0.0
 ) -> list[str]:
     """Send the owner's slot-holding queued jobs that have no message in the broker, and those sent
-    more than ``LAFTER_REQUEUE_AFTER_S`` ago. ``min_age_s`` leaves alone a job sent that recently
-    (its marker may not be written yet). ``enqueued_at`` is stamped on the jobs sent, and only on
+    more than ``LAFTER_REQUEUE_AFTER_S`` ago. ``min_age_s`` leaves alone a job sent or created that
+    recently (its marker may not be written yet, or its creator is about to send it). ``enqueued_at`` is stamped on the jobs sent, and only on
     them: a send that fails takes its stamp back. Returns the ids sent; raises when the broker
     cannot be reached (the jobs stay queued and the reaper sends them once it is back)."""
     now = utcnow()
@@ -41,7 +41,10 @@ def dispatch(
             if job.id in present:
                 due = age is None or age >= settings.requeue_after_s
             else:
-                due = age is None or age >= min_age_s
+                # Never sent (or its send failed): one created less than ``min_age_s`` ago is left
+                # to the request that created it, which sends it right after its commit.
+                since = (now - (job.enqueued_at or job.created_at)).total_seconds()
+                due = since >= min_age_s
             # Only one dispatcher (of several API processes and workers) sends it.
             if due and transitions.mark_sent(session, job, now):
                 chosen.append(job.id)

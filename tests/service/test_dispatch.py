@@ -4,6 +4,7 @@ brokers: an AMQP URL where nothing listens (a broker that is down), and kombu's 
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,19 @@ def test_only_the_jobs_sent_are_stamped(tmp_path: Path) -> None:
     assert _stamp(sessions, "job_first") is not None
     assert _stamp(sessions, "job_second") is None
     assert dispatch(sessions, memory, "owner-b") == []  # sent already, and no message is lost
+
+
+def test_a_housekeeping_pass_leaves_a_job_created_moments_ago_to_its_creator(tmp_path: Path) -> None:
+    """The reaper dispatches with a minimum age: a job whose creating request has committed but not
+    yet sent it is not sent by the reaper as well (that request may send it to another queue)."""
+    sessions = _sessions(tmp_path)
+    _queued(sessions, "job_new", "owner-c")
+    files = _settings(tmp_path, "filesystem://")  # a broker with real "message sent" markers
+    assert dispatch(sessions, files, "owner-c", min_age_s=60.0) == []
+    assert _stamp(sessions, "job_new") is None
+    with sessions() as session:  # a minute later the creator has evidently failed to send it
+        job = session.get(Job, "job_new")
+        assert job is not None
+        job.created_at = job.created_at - timedelta(seconds=61)
+        session.commit()
+    assert dispatch(sessions, files, "owner-c", min_age_s=60.0) == ["job_new"]
