@@ -30,7 +30,21 @@ from tests.service.helpers import (
     wait_http,
 )
 
-REDIS_URL = os.environ.get("LAFTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def _redis_url() -> str:
+    """The broker database of this test process: ``LAFTER_TEST_REDIS_URL`` (default db 13), and under
+    pytest-xdist one database per worker below it (gw0: 13, gw1: 12, ...), since each worker starts
+    its own stack and two stacks on one broker database would take each other's jobs."""
+    base = os.environ.get("LAFTER_TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    if worker == 0:
+        return base
+    prefix, _, db = base.rpartition("/")
+    return f"{prefix}/{int(db) - worker}"
+
+
+REDIS_URL = _redis_url()
 
 OWNER = "tester"  # the owner of the key ``Service.client`` sends
 
