@@ -96,12 +96,6 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
-def width_scaled_prompt_tokens(patches: int, width: int) -> int:
-    """Prompt tokens in proportion to the patch count and to the tower's width, relative to ViT-B/32
-    (49 patches, width 768: the reference's 50); in [4, 50]."""
-    return max(4, min(50, round(50 * patches / 49 * width / 768)))
-
-
 # --- pretraining ------------------------------------------------------------------------------------
 
 
@@ -225,9 +219,11 @@ def run_world_seed(world_name: str, seed: int, opts: dict[str, Any]) -> dict[str
 
     # --default-prompt-tokens: an experiment on the default recipe's prompt count (the paper's stays 50)
     prompt_opt = opts.get("default_prompt_tokens")
-    if prompt_opt == "width":
+    if prompt_opt == "patches":  # the rule before 2026-12-02: the patch count only, not the width
+        from lafter.finetune import scaled_prompt_tokens
+
         patches = (backbone.image_size // backbone.patch_size) ** 2
-        default_prompts: int | str = width_scaled_prompt_tokens(patches, backbone.width)
+        default_prompts: int | str = scaled_prompt_tokens(patches)
     else:
         default_prompts = int(prompt_opt) if prompt_opt else "auto"
     row["default_prompt_tokens_option"] = prompt_opt
@@ -260,6 +256,11 @@ def run_world_seed(world_name: str, seed: int, opts: dict[str, Any]) -> dict[str
         row[f"{key}_served_kind"] = run.served_kind
         row[f"{key}_served"] = acc(run.served_model)
         row[f"{key}_evaluation"] = run.evaluation
+        # label-free diagnostic: does the adapted head still send each class's zero-shot text
+        # prototype to that class (1.0: every class name kept its row; low: rows drifted or swapped)?
+        protos = torch.nn.functional.normalize(zero_shot.head_weight.float(), dim=-1)
+        anchored = (protos @ run.model.head_weight.float().t()).argmax(1) == torch.arange(n_cls)
+        row[f"{key}_text_anchor"] = float(anchored.float().mean())
         # the same run stopped after ONE step: what inserting the (random) prompts does by itself,
         # before any self-training (one AdamW step moves each parameter by ~lr)
         one = adapt(
@@ -480,8 +481,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--default-prompt-tokens",
         default=None,
-        help="experiment: the default recipe's prompt tokens (a number, or 'width': "
-        "round(50 * patches/49 * width/768) in [4, 50], the reference's 50 at ViT-B/32); default: the recipe's",
+        help="experiment: the default recipe's prompt tokens (a number, or 'patches': the earlier rule "
+        "round(50 * patches/49) in [4, 50], without the width); default: the recipe's own",
     )
     p.add_argument("--jobs", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--models-dir", type=Path, default=OUT_DIR / "models")

@@ -19,9 +19,13 @@ Two recipes (``AdaptConfig.recipe``):
 - ``"default"`` (the product's): the same method with what depends on the input scaled to the model,
   measured in docs/benchmarks.md (bench/quality.py):
 
-  * prompt tokens from the patch count, ``round(50 * patches / 49)`` in [4, 50]: ViT-B/32 at 224 px
-    has 49 patches and gets the reference's 50; a 32 px tower with 16 patches gets 16. 50 random
-    tokens among 16 patches move the features far from the unprompted ones before any step.
+  * prompt tokens from the patch count and the token width, ``round(50 * patches/49 * width/768)``
+    in [4, 50]: ViT-B/32 at 224 px (49 patches, width 768) gets the reference's 50, and so does every
+    larger standard tower (ViT-B/16, ViT-L/14: the cap); the benchmark's 96-wide towers get 4 (16
+    patches) and 6 (49 patches). Random prompt tokens that outnumber or outweigh the patch tokens move
+    the features far from the unprompted ones before any step: on both benchmark towers fewer tokens
+    were better by 6-8 points at 200 steps (TUNE worlds), and the rule gained on the held-out worlds
+    (docs/benchmarks.md).
   * strong-view blur sigma scaled by ``image_size / 224`` (the reference's 0.1-2.0 at 224 px) and the
     smallest crop by ``sqrt(224 / image_size)`` (0.2 at 224 px, capped at 0.5), so small images keep
     their evidence;
@@ -64,6 +68,7 @@ REFERENCE_EPOCHS = 50
 REFERENCE_BATCH = 50
 REFERENCE_PROMPTS = 50
 REFERENCE_PATCHES = 49  # ViT-B/32 at 224 px, what the reference's 50 prompts were made for
+REFERENCE_WIDTH = 768  # ViT-B/32's (and ViT-B/16's) token width
 REFERENCE_IMAGE_SIZE = 224
 REFERENCE_CROP_SCALE = (0.2, 1.0)
 REFERENCE_BLUR_SIGMA = (0.1, 2.0)
@@ -76,9 +81,11 @@ AUTO_MAX_EPOCHS = 200
 PRIOR_WARMUP_IMAGES = 1024
 
 
-def scaled_prompt_tokens(patches: int) -> int:
-    """Prompt tokens in proportion to the patch tokens: the reference's 50 at ViT-B/32's 49 patches."""
-    return max(4, min(REFERENCE_PROMPTS, round(REFERENCE_PROMPTS * patches / REFERENCE_PATCHES)))
+def scaled_prompt_tokens(patches: int, width: int = REFERENCE_WIDTH) -> int:
+    """Prompt tokens in proportion to the patch tokens and the token width: the reference's 50 at
+    ViT-B/32's 49 patches of width 768, and 50 (the cap) for every wider or longer standard tower."""
+    scaled = REFERENCE_PROMPTS * (patches / REFERENCE_PATCHES) * (width / REFERENCE_WIDTH)
+    return max(4, min(REFERENCE_PROMPTS, round(scaled)))
 
 
 def scaled_blur_sigma(image_size: int) -> tuple[float, float]:
@@ -128,10 +135,14 @@ class AdaptConfig:
             raise InvalidInputError(f"recipe must be one of {', '.join(RECIPES)}, not {self.recipe!r}")
 
     def resolve(
-        self, num_images: int, image_size: int = REFERENCE_IMAGE_SIZE, patches: int = 49
+        self,
+        num_images: int,
+        image_size: int = REFERENCE_IMAGE_SIZE,
+        patches: int = REFERENCE_PATCHES,
+        width: int = REFERENCE_WIDTH,
     ) -> dict[str, Any]:
         """Every "auto" made concrete for ``num_images`` images on a tower of ``image_size`` px with
-        ``patches`` patch tokens."""
+        ``patches`` patch tokens of ``width`` channels."""
         if num_images < 2:
             raise InvalidInputError("LaFTer needs at least 2 unlabeled images")
         paper = self.recipe == "paper"
@@ -157,7 +168,7 @@ class AdaptConfig:
             total = min(total, int(self.max_steps))
         prompts = self.prompt_tokens
         if prompts == "auto":
-            prompts = REFERENCE_PROMPTS if paper else scaled_prompt_tokens(patches)
+            prompts = REFERENCE_PROMPTS if paper else scaled_prompt_tokens(patches, width)
         elif int(prompts) < 1:
             raise InvalidInputError("prompt_tokens must be >= 1")
         crop = self.strong_crop_scale
@@ -312,7 +323,7 @@ def adapt(
         raise InvalidInputError("the reference data path needs the original PIL images, not an ImageCache")
     n = len(images)
     patches = (backbone.image_size // backbone.patch_size) ** 2
-    resolved = config.resolve(n, backbone.image_size, patches)
+    resolved = config.resolve(n, backbone.image_size, patches, backbone.width)
     amp_dtype = backbone.amp_dtype if config.data_path == "fast" else None
     resolved["precision"] = precision_name(amp_dtype)
     resolved["device"] = str(backbone.device)

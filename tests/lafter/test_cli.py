@@ -136,7 +136,7 @@ def test_recipe_reaches_stage_2_and_is_reported(
     assert code == 0, err
     assert default["recipe"] == "default"
     used = default["hyperparameters"]["adapt"]
-    assert used["prompt_tokens"] == 16 and used["pseudo_label_balance"] == "align"  # 32 px, 16 patches
+    assert used["prompt_tokens"] == 4 and used["pseudo_label_balance"] == "align"  # 16 patches, width 64
     code, explicit, err = adapt(
         capsys, "--images", str(photos), "--out", str(out), "--recipe", "paper", "--prompt-tokens", "8"
     )

@@ -164,10 +164,15 @@ def test_paper_recipe_is_the_reference_and_default_scales_with_the_input():
     assert at224["strong_crop_scale"] == [0.2, 1.0] and at224["strong_blur_sigma"] == [0.1, 2.0]
     assert at224["pseudo_label_balance"] == "align" and at224["balance_prior_init"] == "pool"
     small = AdaptConfig().resolve(1000, image_size=32, patches=16)
-    assert small["prompt_tokens"] == 16
+    assert small["prompt_tokens"] == 16  # at ViT-B/32's width: in proportion to the patches
     assert small["strong_blur_sigma"][1] < 0.3 and 0.4 < small["strong_crop_scale"][0] <= 0.5
-    # ViT-B/16 (196 patches) keeps the reference's 50; an explicit value always wins
+    # and in proportion to the width: the benchmark's 96-wide towers (16 and 49 patches), the floor of 4
+    assert AdaptConfig().resolve(1000, image_size=32, patches=16, width=96)["prompt_tokens"] == 4
+    assert AdaptConfig().resolve(1000, image_size=70, patches=49, width=96)["prompt_tokens"] == 6
+    assert AdaptConfig().resolve(1000, image_size=224, patches=49, width=384)["prompt_tokens"] == 25
+    # ViT-B/16 (196 patches) and ViT-L/14 (256 x 1024) keep the reference's 50; an explicit value wins
     assert AdaptConfig().resolve(1000, image_size=224, patches=196)["prompt_tokens"] == 50
+    assert AdaptConfig().resolve(1000, image_size=224, patches=256, width=1024)["prompt_tokens"] == 50
     explicit = AdaptConfig(prompt_tokens=7, strong_blur_sigma=(0.1, 2.0), pseudo_label_balance="none")
     e = explicit.resolve(1000, image_size=32, patches=16)
     assert (e["prompt_tokens"], e["strong_blur_sigma"], e["pseudo_label_balance"]) == (7, [0.1, 2.0], "none")

@@ -17,6 +17,7 @@ from tests.service.helpers import TINY_SPEC, poll_job
 HP: dict[str, Any] = {"text_steps": 5, "epochs": 1, "batch_size": 4, "max_steps": 2}
 TINY_PATCHES = (32 // 8) ** 2  # tests/assets/tiny-vit.json: 32 px images, 8 px patches
 TINY_WIDTH = 64
+TINY_PROMPTS = 4  # round(50 * 16/49 * 64/768) = 1, raised to the floor of 4
 
 
 @pytest.fixture(scope="module")
@@ -74,15 +75,15 @@ def test_the_default_recipe_resolves_differently_for_a_small_model(
     job = default["job"]
     assert default["queued"]["recipe"] == job["recipe"] == "default"
     hp = job["hyperparameters"]
-    expected = AdaptConfig(recipe="default").resolve(MIN_IMAGES, 32, TINY_PATCHES)
+    expected = AdaptConfig(recipe="default").resolve(MIN_IMAGES, 32, TINY_PATCHES, TINY_WIDTH)
     assert hp["recipe"] == "default"
-    assert hp["prompt_tokens"] == expected["prompt_tokens"] == TINY_PATCHES  # 16, not the paper's 50
+    assert hp["prompt_tokens"] == expected["prompt_tokens"] == TINY_PROMPTS  # not the paper's 50
     assert hp["pseudo_label_balance"] == "align" and hp["balance_prior_init"] == "pool"
     assert hp["strong_crop_scale"] == expected["strong_crop_scale"] != [0.2, 1.0]
     assert hp["strong_blur_sigma"] == expected["strong_blur_sigma"] != [0.1, 2.0]
-    # The prompts were really made at those counts: the trainable sets differ by 34 prompt tokens.
+    # The prompts were really made at those counts: the trainable sets differ by 46 prompt tokens.
     gap = paper["job"]["hyperparameters"]["trainable_parameters"] - hp["trainable_parameters"]
-    assert gap == (50 - TINY_PATCHES) * TINY_WIDTH
+    assert gap == (50 - TINY_PROMPTS) * TINY_WIDTH
 
 
 def test_an_explicit_value_wins_over_the_recipe(service: Service, dataset: dict[str, Any]) -> None:
