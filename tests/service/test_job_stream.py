@@ -228,8 +228,11 @@ def test_stream_survives_a_database_outage(
                     phase, cut_at = "down", now
                     seen_before_cut = len(ids)
                 elif phase == "down" and now - cut_at > 3:
-                    # The stream stayed open through the outage on its heartbeats alone.
-                    assert "database unavailable, retrying" in comments, comments
+                    # The stream stays open through the outage on its heartbeats and says why; the
+                    # first failed poll may take a while on a busy box, hence no exact deadline.
+                    if "database unavailable, retrying" not in comments:
+                        assert now - cut_at < 30, comments
+                        continue
                     proxy.set("up")
                     phase, restored_at = "up", now
                     seen_at_restore = len(ids)
