@@ -31,7 +31,6 @@ from tests.service.helpers import (
 )
 
 
-
 def _redis_url() -> str:
     """The broker database of this test process: ``LAFTER_TEST_REDIS_URL`` (default db 13), and under
     pytest-xdist one database per worker below it (gw0: 13, gw1: 12, ...), since each worker starts
