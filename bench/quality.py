@@ -4,7 +4,7 @@
 
 Worlds (bench/shapes/worlds.py; renderer bench/shapes/world.py): two tiny open_clip ViT-CLIPs,
 pretrained contrastively here on first use (bench/shapes/models.py, cached under
-bench/out/quality/models/<name>/, ~8 minutes each on one thread, both in parallel):
+bench/out/quality/models/<name>/, 11 (M32) and 20 (M70) minutes on one thread each, in parallel):
 
 - M32: 32 px, patch 8 (16 patches), 10 shape classes; source captions name the shape;
 - M70: 70 px, patch 10 (49 patches, the grid of ViT-B/32 at 224 px), 4 colours; source captions
@@ -44,9 +44,9 @@ points) and clearly below the weak-view probe (by ``FAIR_MIN_BELOW_PROBE`` = 15 
 self-training has nothing to find. How many classes zero-shot predicts at all is printed with it.
 
 Budget: the defaults (``--pool 600``, ``--test 400``, ``--probe-train 600``, ``--max-steps 200``,
-3 seeds, 7 worlds, ``--jobs 2``) are sized to run in under 30 minutes on an otherwise idle 2-core CPU
-including the first-use pretraining (~7 min). Stage 2 ran at ~300-580 images/s at 32 px and ~150-175
-at 70 px per process. ``--max-steps`` caps stage 2 for BOTH recipes equally: with ``epochs="auto"``
+3 seeds, 7 worlds, ``--jobs 2``) run in 20-25 minutes on an otherwise idle 2-core CPU once the two
+models are pretrained (seeds 0-2: 25.0 min, seeds 3-5: 20.1 min, 2026-12-02); pretraining them on
+first use adds about 20 minutes (M70; M32 takes about 11, in parallel), measured on a busy box. ``--max-steps`` caps stage 2 for BOTH recipes equally: with ``epochs="auto"``
 the library would run ~400 steps of 50 (20,000 image-views) with the paper recipe and ~1,000 steps of
 50 with the default recipe on a 600-image pool, about 1.5 million image-views for the 42 runs, over an
 hour with 2 processes. ``--max-steps 0`` removes the cap. The resolved hyperparameters of both recipes
