@@ -46,10 +46,11 @@ self-training has nothing to find. How many classes zero-shot predicts at all is
 Budget: the defaults (``--pool 600``, ``--test 400``, ``--probe-train 600``, ``--max-steps 200``,
 3 seeds, 7 worlds, ``--jobs 2``) run in 20-25 minutes on an otherwise idle 2-core CPU once the two
 models are pretrained (seeds 0-2: 25.0 min, seeds 3-5: 20.1 min, 2026-12-02); pretraining them on
-first use adds about 20 minutes (M70; M32 takes about 11, in parallel), measured on a busy box. ``--max-steps`` caps stage 2 for BOTH recipes equally: with ``epochs="auto"``
-the library would run ~400 steps of 50 (20,000 image-views) with the paper recipe and ~1,000 steps of
-50 with the default recipe on a 600-image pool, about 1.5 million image-views for the 42 runs, over an
-hour with 2 processes. ``--max-steps 0`` removes the cap. The resolved hyperparameters of both recipes
+first use adds about 20 minutes (M70; M32 takes about 11, in parallel), measured on a busy box.
+``--max-steps`` caps stage 2 for BOTH recipes equally: with ``epochs="auto"`` the library would run
+~400 steps of 50 (20,000 image-views) with the paper recipe and ~1,000 steps of 50 with the default
+recipe on a 600-image pool, about 1.5 million image-views for the 42 runs, over an hour with 2
+processes. ``--max-steps 0`` removes the cap. The resolved hyperparameters of both recipes
 are in the results file, per world.
 """
 

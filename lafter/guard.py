@@ -38,7 +38,7 @@ Pure torch, no service code: the CLI and the worker both call ``evaluate_candida
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,17 +135,17 @@ def kappa(pred_a: torch.Tensor, pred_b: torch.Tensor, num_classes: int) -> float
 
 
 def label_free_choice(
-    consistency: Mapping[str, float],
+    candidates: Collection[str],
     dominated: bool,
     kappa_with_zero_shot: float | None,
     min_kappa: float = MIN_KAPPA,
 ) -> tuple[str, str]:
-    """The guard's rule (module docstring) on precomputed scores (``consistency`` names the
-    candidates; its values are diagnostics only): (kind served, reason)."""
-    baselines = [k for k in ("zero_shot", "text_classifier") if k in consistency]
+    """The guard's rule (module docstring) for the ``candidates`` kinds, given the adapted model's
+    dominance and kappa with zero-shot: (kind served, reason)."""
+    baselines = [k for k in ("zero_shot", "text_classifier") if k in candidates]
     fallback = baselines[0] if baselines else None
     served_as = "zero-shot CLIP, the free baseline" if fallback == "zero_shot" else "the text classifier"
-    if "lafter" not in consistency:
+    if "lafter" not in candidates:
         assert fallback is not None
         return fallback, f"no adapted model; serving {served_as}"
     if fallback is None:
@@ -203,7 +203,7 @@ def evaluate_candidates(
             and collapse.top_share > collapse.zero_shot_top_share + evaluate.DOMINANCE_MARGIN
         )
         k_zs = kappa(probs["lafter"].argmax(1), probs["zero_shot"].argmax(1), len(names))
-    guard_kind, guard_reason = label_free_choice(consistency, dominated, k_zs, min_kappa)
+    guard_kind, guard_reason = label_free_choice(candidates.keys(), dominated, k_zs, min_kappa)
     report: dict[str, Any] = {
         "images": int(sample.shape[0]),
         "diagnostics": evaluate.diagnostics(probs, names),

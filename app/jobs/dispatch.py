@@ -26,8 +26,8 @@ def dispatch(
 ) -> list[str]:
     """Send the owner's slot-holding queued jobs that have no message in the broker, and those sent
     more than ``LAFTER_REQUEUE_AFTER_S`` ago. ``min_age_s`` leaves alone a job sent or created that
-    recently (its marker may not be written yet, or its creator is about to send it). ``enqueued_at`` is stamped on the jobs sent, and only on
-    them: a send that fails takes its stamp back. Returns the ids sent; raises when the broker
+    recently (its marker may not be written yet, or its creator is about to send it). ``enqueued_at``
+    is stamped on the jobs sent, and only on them: a send that fails takes its stamp back. Returns the ids sent; raises when the broker
     cannot be reached (the jobs stay queued and the reaper sends them once it is back)."""
     now = utcnow()
     chosen: list[str] = []
@@ -43,7 +43,7 @@ def dispatch(
             else:
                 # Never sent (or its send failed): one created less than ``min_age_s`` ago is left
                 # to the request that created it, which sends it right after its commit.
-                since = (now - (job.enqueued_at or job.created_at)).total_seconds()
+                since = age if age is not None else (now - job.created_at).total_seconds()
                 due = since >= min_age_s
             # Only one dispatcher (of several API processes and workers) sends it.
             if due and transitions.mark_sent(session, job, now):
