@@ -167,14 +167,18 @@ def queue_position(session: Session, job: Job, cap: int) -> int | None:
     waiting for a slot (not queued, or already sent to the workers)."""
     if job.status != JobStatus.QUEUED or not cap:
         return None
-    ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.owner_id == job.owner_id, Job.status == JobStatus.QUEUED, _older(Job, job.created_at, job.id)
-        )
-    )
-    waiting_ahead = int(ahead or 0) - max(0, cap - active_count(session, job.owner_id))
+    # Both counts in one statement, so they come from one snapshot: counted apart, a job that starts
+    # between the two would be counted twice (as queued ahead, then as running) and the position
+    # would jump back by one for a moment.
+    queued_ahead = and_(Job.status == JobStatus.QUEUED, _older(Job, job.created_at, job.id))
+    row = session.execute(
+        select(
+            func.count().filter(queued_ahead),
+            func.count().filter(Job.status.in_(ACTIVE)),
+        ).where(Job.owner_id == job.owner_id)
+    ).one()
+    ahead, active = int(row[0]), int(row[1])
+    waiting_ahead = ahead - max(0, cap - active)
     return None if waiting_ahead < 0 else waiting_ahead + 1
 
 

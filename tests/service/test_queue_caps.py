@@ -4,12 +4,19 @@ at a time, even with two idle workers; another owner's jobs do not wait behind t
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
+from sqlalchemy import event
+from sqlalchemy.orm import sessionmaker
 
 from app.core.db import make_engine
+from app.core.migrate import upgrade_head
+from app.jobs import repository
+from app.jobs.tables import Job, JobStatus
 from tests.service.helpers import wait_for
 
 if TYPE_CHECKING:
@@ -82,3 +89,38 @@ def _sent(stack: Stack, job_id: str) -> bool:
     finally:
         engine.dispose()
     return stamp is not None
+
+
+def test_a_queue_position_is_read_from_one_snapshot(tmp_path: Path) -> None:
+    """The position counts the owner's queued jobs ahead and their running ones. Counted by two
+    statements, a job that starts between them was counted twice (queued ahead, then running) and the
+    next job's position jumped from 2 to 3 for a moment; it must stay 2 either way."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    upgrade_head(url)
+    engine = make_engine(url)
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    with sessions() as session:
+        for i in range(3):
+            session.add(Job(id=f"job_{i}", owner_id="o", status=JobStatus.QUEUED, base_model="x::random",
+                            class_names=["a", "b"], seed=0, created_at=start + timedelta(seconds=i)))  # fmt: skip
+        session.commit()
+
+    statements = 0
+
+    def first_job_starts_between_statements(*_: object) -> None:
+        nonlocal statements
+        statements += 1
+        if statements == 2:  # what a worker's claim does, committed from its own connection
+            with engine.begin() as other:
+                other.execute(sa.text("UPDATE jobs SET status = 'running' WHERE id = 'job_0'"))
+
+    with sessions() as session:
+        last = session.get(Job, "job_2")
+        assert last is not None
+        event.listen(engine, "before_cursor_execute", first_job_starts_between_statements)
+        try:
+            position = repository.queue_position(session, last, cap=1)
+        finally:
+            event.remove(engine, "before_cursor_execute", first_job_starts_between_statements)
+    assert position == 2  # job_1 is next in line whether job_0 is still queued or already running
