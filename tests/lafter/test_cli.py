@@ -27,8 +27,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_adapt_then_classify(tmp_path):
-    """The one smoke test as a separate process (``python -m lafter``); the rest run ``cli.main``."""
+def test_adapt_then_classify(tmp_path, capsys):
+    """The one smoke test of ``python -m lafter`` as a separate process (adapt); the classify step
+    and the rest run ``cli.main`` in this process."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "imgs" / "nested"
     folder.mkdir(parents=True)
@@ -61,11 +62,12 @@ def test_adapt_then_classify(tmp_path):
     assert "adapting" in res.stderr  # the progress bar
     assert out.is_file()
 
-    res = _run(
-        "classify", "--artifact", str(out), "--json", "--top-k", "2", str(folder / "0.png"), str(folder)
+    code = cli.main(
+        ["classify", "--artifact", str(out), "--json", "--top-k", "2", str(folder / "0.png"), str(folder)]
     )
-    assert res.returncode == 0, res.stderr
-    rows = json.loads(res.stdout)
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    rows = json.loads(stdout)
     assert len(rows) == 11
     assert all(len(r["predictions"]) == 2 for r in rows)
     assert {p["label"] for r in rows for p in r["predictions"]} <= {"cat", "dog", "horse"}

@@ -19,16 +19,16 @@ import sqlalchemy as sa
 
 from tests.lafter.fake_llm import FakeLLMServer
 from tests.service.helpers import (
-    REPO,
     TINY_CONFIG,
     bearer,
-    create_key,
     free_port,
+    operator_key,
     scratch_database,
     start_api,
     wait_for,
     wait_http,
 )
+from tests.service.launcher import launch, run
 
 
 def _redis_url() -> str:
@@ -168,27 +168,19 @@ def service(
     }
     _local_model(root / "models")
     # The schema is made the production way: the alembic command line.
-    migrate = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    migrate = run("alembic", ["upgrade", "head"], env=env)
     assert migrate.returncode == 0, migrate.stderr
-    key = create_key(env, OWNER, name="pytest")
+    key = operator_key(env, OWNER, name="pytest")
 
     worker_log = logs / "worker.log"
     api_log = logs / "api.log"
-    worker = subprocess.Popen(
-        [
-            sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "gpu",
-            "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-            "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h",
-        ],
-        cwd=REPO, env=env, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT,
+    worker = launch(
+        "celery",
+        ["-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "gpu", "--loglevel=INFO", "--without-gossip",
+         "--without-mingle", "--without-heartbeat", "--hostname", f"test-{uuid.uuid4().hex[:6]}@%h"],
+        env=env, log=worker_log,
     )  # fmt: skip
-    api = start_api(env, api_log.open("wb"), port)
+    api = start_api(env, api_log, port)
     url = f"http://127.0.0.1:{port}"
     engine = sa.create_engine(pg_database)
     try:

@@ -32,7 +32,6 @@ from tests.service.conftest import MIN_IMAGES
 from tests.service.factories import submit_job
 from tests.service.helpers import (
     LONG_HP,
-    REPO,
     TINY_CONFIG,
     free_port,
     scratch_database,
@@ -42,6 +41,7 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
+from tests.service.launcher import Proc, launch, run
 
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 4.0
@@ -114,9 +114,9 @@ class Stack:
     env: dict[str, str]
     engine: sa.Engine
     url: str = ""
-    api: subprocess.Popen[bytes] | None = None
+    api: Proc | None = None
     redis_proc: subprocess.Popen[bytes] | None = None
-    workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    workers: list[Proc] = field(default_factory=list)
     clients: list[httpx.Client] = field(default_factory=list)
 
     @property
@@ -163,17 +163,17 @@ class Stack:
         self.redis_proc = None
 
     def start_api(self) -> None:
-        self.api = start_api(self.env, (self.logs / "api.log").open("ab"), int(self.url.rsplit(":", 1)[1]))
+        self.api = start_api(self.env, self.logs / "api.log", int(self.url.rsplit(":", 1)[1]), append=True)
         wait_http(f"{self.url}/healthz", timeout=120, proc=self.api)
 
-    def start_worker(self) -> subprocess.Popen[bytes]:
+    def start_worker(self) -> Proc:
         name = f"w{len(self.workers)}-{uuid.uuid4().hex[:4]}"
         log = self.logs / f"worker-{name}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "gpu",
-             "--loglevel=INFO", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "--hostname", f"{name}@%h"],
-            cwd=REPO, env=self.env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+        proc = launch(
+            "celery",
+            ["-A", "worker.celery_app", "worker", "--pool=solo", "-Q", "gpu", "--loglevel=INFO",
+             "--without-gossip", "--without-mingle", "--without-heartbeat", "--hostname", f"{name}@%h"],
+            env=self.env, log=log,
         )  # fmt: skip
         self.workers.append(proc)
 
@@ -189,7 +189,7 @@ class Stack:
         """``start_worker`` in the background (a start takes seconds); ``join`` waits and re-raises."""
         return Booting(self)
 
-    def worker_of(self, job_id: str) -> subprocess.Popen[bytes]:
+    def worker_of(self, job_id: str) -> Proc:
         """The live worker process that claimed ``job_id`` (the row names it ``host:pid``)."""
         with self.engine.connect() as conn:
             worker_id = conn.execute(
@@ -200,14 +200,14 @@ class Stack:
         assert found, f"no live worker has pid {pid}"
         return found[0]
 
-    def live_workers(self) -> list[subprocess.Popen[bytes]]:
+    def live_workers(self) -> list[Proc]:
         return [w for w in self.workers if w.poll() is None]
 
-    def ensure_worker(self) -> subprocess.Popen[bytes]:
+    def ensure_worker(self) -> Proc:
         live = self.live_workers()
         return live[0] if live else self.start_worker()
 
-    def kill_worker(self, proc: subprocess.Popen[bytes]) -> None:
+    def kill_worker(self, proc: Proc) -> None:
         """What an OOM killer or a lost machine does: no cleanup, no ack, no last words."""
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
@@ -262,7 +262,7 @@ class Stack:
 class Booting:
     def __init__(self, stack: Stack) -> None:
         self.error: BaseException | None = None
-        self.worker: subprocess.Popen[bytes] | None = None
+        self.worker: Proc | None = None
         self._thread = threading.Thread(target=self._run, args=(stack,))
         self._thread.start()
 
@@ -272,7 +272,7 @@ class Booting:
         except BaseException as exc:
             self.error = exc
 
-    def join(self) -> subprocess.Popen[bytes]:
+    def join(self) -> Proc:
         self._thread.join()
         if self.error is not None:
             raise self.error
@@ -316,13 +316,7 @@ def _stack(tmp_path_factory: pytest.TempPathFactory, db_url: str) -> Iterator[St
         PYTHONUNBUFFERED="1",
         HF_HUB_OFFLINE="1",
     )
-    migrate = subprocess.run(
-        [sys.executable, "-m", "alembic", "upgrade", "head"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    migrate = run("alembic", ["upgrade", "head"], env=env)
     assert migrate.returncode == 0, migrate.stderr
     engine = sa.create_engine(db_url)
     st = Stack(root=root, db_url=db_url, redis_port=redis_port, env=env, engine=engine)

@@ -6,7 +6,6 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import tarfile
 import time
 import uuid
@@ -14,13 +13,15 @@ import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 import numpy as np
 import psycopg
 import pytest
 from PIL import Image
+
+from tests.service.launcher import Proc, launch, run
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "tests" / "assets" / "tiny-vit.json"
@@ -82,11 +83,30 @@ def free_port() -> int:
 
 
 def create_key(env: dict[str, str], owner: str, name: str | None = None) -> str:
+    """A new API key of ``owner``, written straight to the database ``env`` names. The operator's way,
+    ``python -m app keys create``, makes the session's key (``operator_key``) and is tested with the
+    other key commands in test_auth.py."""
+    from sqlalchemy.orm import Session
+
+    from app.core.db import make_engine
+    from app.keys import service as keys
+
+    engine = make_engine(env["LAFTER_DATABASE_URL"])
+    try:
+        with Session(engine) as session:
+            key = keys.create(session, owner, name=name).key
+            session.commit()
+    finally:
+        engine.dispose()
+    return key
+
+
+def operator_key(env: dict[str, str], owner: str, name: str | None = None) -> str:
     """An API key made the way an operator makes one: ``python -m app keys create``."""
-    cmd = [sys.executable, "-m", "app", "keys", "create", "--owner", owner]
+    args = ["keys", "create", "--owner", owner]
     if name:
-        cmd += ["--name", name]
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        args += ["--name", name]
+    done = run("app", args, env=env)
     assert done.returncode == 0, done.stderr
     key = done.stdout.strip()
     assert key.startswith("lft_") and "\n" not in key, done.stdout
@@ -142,10 +162,16 @@ def scratch_database(prefix: str) -> Iterator[str]:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def start_api(env: dict[str, str], log: IO[bytes], port: int) -> subprocess.Popen[bytes]:
-    """A uvicorn process serving ``app.main:app`` on ``port`` with ``env``: how every test starts one."""
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+def start_api(env: dict[str, str], log: Path, port: int, *, append: bool = False) -> Proc:
+    """A uvicorn process serving ``app.main:app`` on ``port`` with ``env``: how every test starts one
+    (see ``launcher`` for how it is started)."""
+    return launch(
+        "uvicorn",
+        ["app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        log=log,
+        append=append,
+    )
 
 
 @contextmanager
@@ -153,18 +179,17 @@ def api_process(env: dict[str, str], log: Path, timeout: float = 90) -> Iterator
     """One more uvicorn API process (its own settings, e.g. another database URL or queue), over
     HTTP like the main one. Yields its base URL; stops it afterwards."""
     port = free_port()
-    with log.open("wb") as out:
-        proc = start_api(env, out, port)
+    proc = start_api(env, log, port)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=timeout, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
         try:
-            wait_http(f"http://127.0.0.1:{port}/healthz", timeout=timeout, proc=proc)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def poll_job(client: httpx.Client, job_id: str, statuses: set[str], timeout: float = 120.0) -> dict[str, Any]:

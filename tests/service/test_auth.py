@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,9 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from app.core.settings import Settings
+from tests.service import launcher
 from tests.service.conftest import MIN_IMAGES, OWNER, Service
 from tests.service.helpers import (
-    REPO,
     TINY_HP,
     TINY_SPEC,
     bearer,
@@ -57,14 +56,7 @@ def _assert_401(r: httpx.Response, code: str) -> None:
 
 
 def _cli(service: Service, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app", "keys", *args],
-        cwd=REPO,
-        env=service.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return launcher.run("app", ["keys", *args], env=service.env)
 
 
 def test_every_v1_operation_needs_a_live_key(service: Service) -> None:
@@ -207,15 +199,9 @@ def test_embedded_mode_runs_without_keys_and_says_so_loudly(tmp_path: Path) -> N
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAFTER_")}
     env.update(LAFTER_DATA_DIR=str(tmp_path / "data"), PYTHONUNBUFFERED="1")
     log = tmp_path / "embedded.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--no-worker", "--port", str(port)],
-            cwd=tmp_path,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = launcher.launch(
+        "app", ["--no-worker", "--port", str(port)], env=env, log=log, cwd=tmp_path, new_session=True
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/healthz", timeout=90, proc=proc)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/datasets", json={"name": "no key needed"})

@@ -1,5 +1,7 @@
 """``python -m app`` alone: SQLite, the filesystem broker, a worker started alongside, local blobs.
-The same upload -> job -> poll -> classify, with no Postgres or Redis settings at all."""
+The same upload -> job -> poll -> classify, with no Postgres or Redis settings at all; then SIGTERM
+and SIGINT stop the worker too. One instance (``embedded``) serves the module: the end-to-end test
+uses it, and the shutdown test submits a long job to it, stops it and starts it again."""
 
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -18,7 +22,6 @@ import pytest
 
 from tests.service.helpers import (
     LONG_HP,
-    REPO,
     TINY_CONFIG,
     TINY_HP,
     TINY_SPEC,
@@ -30,12 +33,44 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
+from tests.service.launcher import Proc, launch
 from tests.service.webhook_receiver import Receiver, signature_valid
 
 
-def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    port = free_port()
+@dataclass
+class Embedded:
+    """The module's ``python -m app``: its data folder, environment and, once started, its process,
+    URL and worker child. ``start`` starts it again after a test stopped it."""
+
+    data: Path
+    env: dict[str, str]
+    logs: list[Path] = field(default_factory=list)
+    procs: list[Proc] = field(default_factory=list)
+    proc: Proc | None = None
+    url: str = ""
+    worker: int = 0
+
+    def start(self) -> None:
+        port = free_port()
+        log = self.data.parent / f"embedded-{len(self.logs)}.log"
+        self.logs.append(log)
+        self.proc = launch("app", ["--port", str(port)], env=self.env, log=log, new_session=True)
+        self.procs.append(self.proc)
+        self.url = f"http://127.0.0.1:{port}"
+        wait_http(f"{self.url}/healthz", timeout=90, proc=self.proc)
+        pid = self.proc.pid
+        workers = wait_for(lambda: _children(pid), 30, 0.2, "the worker child")
+        assert len(workers) == 1, workers
+        self.worker = workers[0]
+
+    def print_logs(self) -> None:
+        for log in self.logs:
+            print(f"---- {log.name} ----\n" + log.read_text(errors="replace")[-6000:], file=sys.stderr)
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Embedded]:
+    data = tmp_path_factory.mktemp("embedded") / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith("LAFTER_")}
     env.update(
         LAFTER_DATA_DIR=str(data),
@@ -44,22 +79,37 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
         LAFTER_MIN_IMAGES_PER_JOB="4",
         LAFTER_TORCH_THREADS="1",
         LAFTER_DEVICE="cpu",
-        LAFTER_WEBHOOK_ALLOW_PRIVATE="true",  # the receiver below listens on 127.0.0.1
+        LAFTER_WEBHOOK_ALLOW_PRIVATE="true",  # the test's webhook receiver listens on 127.0.0.1
+        LAFTER_PROGRESS_WRITE_INTERVAL_S="0.1",
+        # No periodic checkpoint: the one a stopped job has is the one written as its worker stopped.
+        LAFTER_CHECKPOINT_EVERY_S="3600",
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
-    log = (tmp_path / "embedded.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "app", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
+    instance = Embedded(data, env)
     try:
-        wait_http(f"{url}/healthz", timeout=90, proc=proc)
+        instance.start()
+        yield instance
+    except BaseException:
+        instance.print_logs()
+        raise
+    finally:
+        for p in instance.procs:  # the process group: an orphaned worker too
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=10)
+                pytest.fail("python -m app did not stop on SIGTERM")
+
+
+def test_embedded_mode_end_to_end(embedded: Embedded) -> None:
+    data, url = embedded.data, embedded.url
+    try:
         with httpx.Client(base_url=url, timeout=60) as client, Receiver() as receiver:
             ready = client.get("/readyz")
             assert ready.status_code == 200, ready.text
@@ -102,37 +152,11 @@ def test_embedded_mode_end_to_end(tmp_path: Path) -> None:
         assert (data / "lafter.db").is_file()
         assert any((data / "blobs").rglob("*"))
     except BaseException:
-        log.flush()
-        print((tmp_path / "embedded.log").read_text(errors="replace")[-5000:], file=sys.stderr)
+        embedded.print_logs()
         raise
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail("python -m app did not stop on SIGTERM")
 
 
 # --- SIGTERM and SIGINT stop the worker too, promptly, with a checkpoint ------------------------
-
-
-def _embedded_env(data: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LAFTER_")}
-    env.update(
-        LAFTER_DATA_DIR=str(data),
-        LAFTER_ALLOW_RANDOM_WEIGHTS="true",
-        LAFTER_LOCAL_MODEL_DIRS=str(TINY_CONFIG.parent),
-        LAFTER_MIN_IMAGES_PER_JOB="4",
-        LAFTER_TORCH_THREADS="1",
-        LAFTER_DEVICE="cpu",
-        LAFTER_PROGRESS_WRITE_INTERVAL_S="0.1",
-        # No periodic checkpoint: the one the job has is the one written as its worker stopped.
-        LAFTER_CHECKPOINT_EVERY_S="3600",
-        OMP_NUM_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    return env
 
 
 def _children(pid: int) -> list[int]:
@@ -173,7 +197,7 @@ def _running_in_stage2(client: httpx.Client, job_id: str, min_step: int) -> bool
     )
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int, worker: int) -> float:
+def _stop(proc: Proc, sig: int, worker: int) -> float:
     """Send ``sig`` to ``python -m app`` alone (not its process group) and return how long it and its
     worker took to be gone."""
     start = time.monotonic()
@@ -186,34 +210,11 @@ def _stop(proc: subprocess.Popen[bytes], sig: int, worker: int) -> float:
     return time.monotonic() - start
 
 
-def test_embedded_stops_its_worker_on_sigterm_and_sigint_with_a_checkpoint(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    env = _embedded_env(data)
-    logs: list[Path] = []
-    procs: list[subprocess.Popen[bytes]] = []
-
-    def start() -> tuple[subprocess.Popen[bytes], str, int]:
-        port = free_port()
-        log = tmp_path / f"embedded-{len(logs)}.log"
-        logs.append(log)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "app", "--port", str(port)],
-            cwd=REPO,
-            env=env,
-            stdout=log.open("wb"),
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        procs.append(proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_http(f"{url}/healthz", timeout=90, proc=proc)
-        workers = wait_for(lambda: _children(proc.pid), 30, 0.2, "the worker child")
-        assert len(workers) == 1, workers
-        return proc, url, workers[0]
-
+def test_embedded_stops_its_worker_on_sigterm_and_sigint_with_a_checkpoint(embedded: Embedded) -> None:
+    data = embedded.data
     try:
-        proc, url, worker = start()
-        with httpx.Client(base_url=url, timeout=60) as client:
+        assert embedded.proc is not None
+        with httpx.Client(base_url=embedded.url, timeout=60) as client:
             ds = client.post("/v1/datasets", json={"name": "shutdown"}).json()
             assert upload(client, ds["id"], two_class_images(6, offset=9500)).status_code == 200
             r = client.post(
@@ -229,7 +230,7 @@ def test_embedded_stops_its_worker_on_sigterm_and_sigint_with_a_checkpoint(tmp_p
             job_id = r.json()["id"]
             wait_for(lambda: _running_in_stage2(client, job_id, 5), 180, 0.3, "stage 2 to run")
 
-        took = _stop(proc, signal.SIGTERM, worker)
+        took = _stop(embedded.proc, signal.SIGTERM, embedded.worker)
         assert took < 30, took
         status, attempts = _job_row(data, job_id)
         assert (status, attempts) == ("queued", 1)
@@ -242,24 +243,19 @@ def test_embedded_stops_its_worker_on_sigterm_and_sigint_with_a_checkpoint(tmp_p
         assert saved_step >= 5
 
         # Restarted, the job resumes from that checkpoint; SIGINT (Ctrl-C) stops both again.
-        proc, url, worker = start()
-        with httpx.Client(base_url=url, timeout=60) as client:
+        embedded.start()
+        assert embedded.proc is not None
+        with httpx.Client(base_url=embedded.url, timeout=60) as client:
             wait_for(
                 lambda: _running_in_stage2(client, job_id, saved_step + 2), 180, 0.3, "the job to resume"
             )
         assert f"attempt 2: resuming from the checkpoint at stage-2 step {saved_step}" in _events(
             data, job_id
         )
-        took = _stop(proc, signal.SIGINT, worker)
+        took = _stop(embedded.proc, signal.SIGINT, embedded.worker)
         assert took < 30, took
         assert _job_row(data, job_id) == ("queued", 2)
         assert sum(m.startswith("checkpoint at step") for m in _events(data, job_id)) == 2
     except BaseException:
-        for log in logs:
-            print(f"---- {log.name} ----\n" + log.read_text(errors="replace")[-6000:], file=sys.stderr)
+        embedded.print_logs()
         raise
-    finally:
-        for p in procs:  # the process group: an orphaned worker too
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()

@@ -109,7 +109,7 @@ def api(
         "TMPDIR": str(spool),  # where the multipart parser spools uploads
     }
     port = free_port()
-    proc = start_api(env, log.open("wb"), port)
+    proc = start_api(env, log, port)
     url = f"http://127.0.0.1:{port}"
     try:
         # The session's service makes the schema (alembic) while this process starts up.
