@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,15 +15,15 @@ from PIL import Image
 
 from lafter import cli
 from lafter.artifact import AdaptedModel
+from tests import launcher
 
 TINY = str(Path(__file__).resolve().parents[1] / "assets" / "tiny-vit.json") + "::random"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m lafter *args`` in a process of its own (see ``tests/launcher.py``)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "LAFTER_LLM_BASE_URL": "", "OPENAI_API_KEY": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "lafter", *args], capture_output=True, text=True, env=env, timeout=300
-    )
+    return launcher.run("lafter", list(args), env=env, timeout=300)
 
 
 def test_adapt_then_classify(tmp_path, capsys):

@@ -18,6 +18,7 @@ import redis
 import sqlalchemy as sa
 
 from tests.lafter.fake_llm import FakeLLMServer
+from tests.launcher import launch, run
 from tests.service.helpers import (
     TINY_CONFIG,
     bearer,
@@ -28,7 +29,6 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
-from tests.service.launcher import launch, run
 
 
 def _redis_url() -> str:

@@ -28,6 +28,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
+from tests.launcher import Proc, launch, run
 from tests.service.conftest import MIN_IMAGES
 from tests.service.factories import submit_job
 from tests.service.helpers import (
@@ -41,7 +42,6 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
-from tests.service.launcher import Proc, launch, run
 
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_TIMEOUT_S = 4.0

@@ -21,7 +21,7 @@ import psycopg
 import pytest
 from PIL import Image
 
-from tests.service.launcher import Proc, launch, run
+from tests.launcher import Proc, launch, run
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "tests" / "assets" / "tiny-vit.json"

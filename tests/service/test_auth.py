@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from pydantic import ValidationError
 
 from app.core.settings import Settings
-from tests.service import launcher
+from tests import launcher
 from tests.service.conftest import MIN_IMAGES, OWNER, Service
 from tests.service.helpers import (
     TINY_HP,

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.launcher import Proc, launch
 from tests.service.helpers import (
     LONG_HP,
     TINY_CONFIG,
@@ -33,7 +34,6 @@ from tests.service.helpers import (
     wait_for,
     wait_http,
 )
-from tests.service.launcher import Proc, launch
 from tests.service.webhook_receiver import Receiver, signature_valid
 
 

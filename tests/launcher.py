@@ -1,17 +1,19 @@
-"""How the service tests start the API and worker processes: ``python -m uvicorn app.main:app ...``
-and ``python -m celery -A worker.celery_app worker ...``, the commands an operator runs.
+"""How the tests start this project's processes: the API (``python -m uvicorn app.main:app``), the
+workers (``python -m celery -A worker.celery_app worker``), ``python -m app`` (embedded mode, key
+commands), ``python -m alembic`` and ``python -m lafter``, the commands an operator or user runs.
 
-A cold start of either spends about 6 CPU-seconds importing torch, torchvision (which pulls in
+A cold start of any of them spends about 6 CPU-seconds importing torch, torchvision (which pulls in
 ``torch._dynamo``) and open_clip before it runs a line of this project, and the suite starts about
-25 of them: on the 2-core machine that was half of the suite's CPU time. So by default each process
-is forked from a ``multiprocessing`` fork server that imported those third-party libraries once
-(``PRELOAD``). The child then does what the interpreter would: it takes the given environment, the
-working directory and a log file as stdout and stderr, and runs the entry module as ``__main__``
+45 of them: on the 2-core machine that was over a third of the suite's CPU time. So by default each
+one is forked from a ``multiprocessing`` fork server that imported those third-party libraries once
+(``PRELOAD``). The child then does what the interpreter would: it takes the given environment,
+working directory and log files as stdout and stderr, and runs the entry module as ``__main__``
 with the given arguments. Nothing of this project is imported before the fork, so every module of
-``app/`` and ``worker/`` is imported in the child, under the child's environment, as in production.
+``app/``, ``worker/`` and ``lafter/`` is imported in the child, under the child's environment, as in
+production. What those processes start themselves (the embedded mode's worker) is a fresh
+interpreter, as always.
 
-``LAFTER_TEST_LAUNCH=exec`` starts a fresh interpreter for each instead (``subprocess.Popen``). The
-embedded mode's tests, the key commands and the command-line tests always do.
+``LAFTER_TEST_LAUNCH=exec`` starts a fresh interpreter for each instead (``subprocess.Popen``).
 
 Both kinds of handle answer ``pid``, ``poll``, ``wait``, ``terminate``, ``kill`` and ``returncode``
 like ``subprocess.Popen``; ``wait`` raises ``subprocess.TimeoutExpired`` the same way.
@@ -33,7 +35,7 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # Third-party only: importing them reads no setting of this project.
 PRELOAD = [
