@@ -22,6 +22,7 @@ like ``subprocess.Popen``; ``wait`` raises ``subprocess.TimeoutExpired`` the sam
 from __future__ import annotations
 
 import atexit
+import contextlib
 import io
 import multiprocessing
 import multiprocessing.context
@@ -187,14 +188,11 @@ def launch(
     cmd = [sys.executable, "-m", module, *args]
     mode_ = "ab" if append else "wb"
     if mode() == "exec":
-        with log.open(mode_) as out, (stderr or log).open(mode_) as err:
+        with contextlib.ExitStack() as files:
+            out = files.enter_context(log.open(mode_))
+            err = subprocess.STDOUT if stderr is None else files.enter_context(stderr.open(mode_))
             return subprocess.Popen(
-                cmd,
-                cwd=cwd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT if stderr is None else err,
-                start_new_session=new_session,
+                cmd, cwd=cwd, env=env, stdout=out, stderr=err, start_new_session=new_session
             )
     for path in {log, stderr or log}:
         path.open(mode_).close()  # there at once, as with Popen; the child appends
@@ -213,24 +211,18 @@ def run(
     module: str, args: list[str], *, env: dict[str, str], cwd: Path = REPO, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     """``python -m module *args`` to completion, like ``subprocess.run(..., capture_output=True,
-    text=True)``; its output passes through two temporary files."""
+    text=True, timeout=timeout)``; its output passes through two temporary files."""
     with tempfile.TemporaryDirectory(prefix="lafter-run-") as scratch:
         out, err = Path(scratch) / "stdout", Path(scratch) / "stderr"
-        code = _run_to_end(module, args, env=env, cwd=cwd, timeout=timeout, out=out, err=err)
+        proc = launch(module, args, env=env, log=out, stderr=err, cwd=cwd)
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
         return subprocess.CompletedProcess(
             [sys.executable, "-m", module, *args],
             code,
             out.read_text(errors="replace"),
             err.read_text(errors="replace"),
         )
-
-
-def _run_to_end(
-    module: str, args: list[str], *, env: dict[str, str], cwd: Path, timeout: float, out: Path, err: Path
-) -> int:
-    proc = launch(module, args, env=env, log=out, stderr=err, cwd=cwd)
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise

@@ -27,8 +27,9 @@ def dispatch(
     """Send the owner's slot-holding queued jobs that have no message in the broker, and those sent
     more than ``LAFTER_REQUEUE_AFTER_S`` ago. ``min_age_s`` leaves alone a job sent or created that
     recently (its marker may not be written yet, or its creator is about to send it). ``enqueued_at``
-    is stamped on the jobs sent, and only on them: a send that fails takes its stamp back. Returns the ids sent; raises when the broker
-    cannot be reached (the jobs stay queued and the reaper sends them once it is back)."""
+    is stamped on the jobs sent, and only on them: a send that fails takes its stamp back. Returns
+    the ids sent; raises when the broker cannot be reached (the jobs stay queued and the reaper sends
+    them once it is back)."""
     now = utcnow()
     chosen: list[str] = []
     with sessions() as session:

@@ -34,6 +34,7 @@ from tests.service.factories import submit_job
 from tests.service.helpers import (
     LONG_HP,
     TINY_CONFIG,
+    create_key,
     free_port,
     scratch_database,
     start_api,
@@ -224,13 +225,7 @@ class Stack:
 
     # --- owners --------------------------------------------------------------------------------
     def tenant(self, owner: str, images: int = MIN_IMAGES) -> Tenant:
-        from sqlalchemy.orm import Session
-
-        from app.keys import service as keys
-
-        with Session(self.engine) as session:
-            key = keys.create(session, owner, name="pytest").key
-            session.commit()
+        key = create_key(self.env, owner, name="pytest")
         client = httpx.Client(base_url=self.url, timeout=60, headers={"Authorization": f"Bearer {key}"})
         self.clients.append(client)
         ds = client.post("/v1/datasets", json={"name": f"{owner} photos"})

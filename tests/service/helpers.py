@@ -21,9 +21,8 @@ import psycopg
 import pytest
 from PIL import Image
 
-from tests.launcher import Proc, launch, run
+from tests.launcher import REPO, Proc, launch, run
 
-REPO = Path(__file__).resolve().parents[2]
 TINY_CONFIG = REPO / "tests" / "assets" / "tiny-vit.json"
 TINY_SPEC = f"{TINY_CONFIG}::random"
 
